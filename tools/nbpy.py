@@ -6,7 +6,7 @@
 
 Outputs of existing cells are kept when the cell source is unchanged. The notebook stays the source of truth:
 commit the .ipynb, not the .py."""
-import json, sys
+import hashlib, json, sys
 from pathlib import Path
 
 def _cells_from_py(text):
@@ -34,11 +34,14 @@ def to_nb(src, dest):
     if dest.exists():
         for c in json.loads(dest.read_text())['cells']:
             if c['cell_type'] == 'code': old[_src(c)] = c.get('outputs', [])
-    cells = []
+    cells, seen = [], set()
     for kind, s in _cells_from_py(Path(src).read_text()):
         lines = s.splitlines(keepends=True)
-        if kind == 'markdown': cells.append(dict(cell_type='markdown', metadata={}, source=lines))
-        else: cells.append(dict(cell_type='code', execution_count=None, metadata={}, outputs=old.get(s, []), source=lines))
+        cid, k = hashlib.sha1(s.encode()).hexdigest()[:8], 0   # stable ids keep nbdev-export deterministic
+        while cid in seen: k += 1; cid = hashlib.sha1(f'{s}{k}'.encode()).hexdigest()[:8]
+        seen.add(cid)
+        if kind == 'markdown': cells.append(dict(cell_type='markdown', id=cid, metadata={}, source=lines))
+        else: cells.append(dict(cell_type='code', execution_count=None, id=cid, metadata={}, outputs=old.get(s, []), source=lines))
     nb = dict(cells=cells, metadata=dict(kernelspec=dict(display_name='python3', language='python', name='python3')),
               nbformat=4, nbformat_minor=5)
     dest.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
