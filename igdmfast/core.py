@@ -66,7 +66,7 @@ class ThreatModel:
         return (f"ThreatModel({self.norm}, eps={f(self.eps)}, step_size={f(self.step_size)}, n_steps={self.n_steps}, "
                 f"random_start={self.random_start!r}, restarts={self.restarts})")
 
-# %% ../nbs/00_core.ipynb #8695b480
+# %% ../nbs/00_core.ipynb #e2021a39
 def check_images(x, name='x'):
     "Raise a clear error unless `x` is a finite float tensor of shape (B, C, H, W) with values in [0,1]."
     if not isinstance(x, Tensor): raise TypeError(f"{name} must be a torch.Tensor of images, got {type(x).__name__}.")
@@ -78,13 +78,13 @@ def check_images(x, name='x'):
     if x.numel() == 0: raise ValueError(f"{name} is empty (shape {tuple(x.shape)}).")
     if not torch.isfinite(x).all(): raise ValueError(f"{name} contains NaN or inf values.")
     lo, hi = x.min().item(), x.max().item()
+    if lo < -1e-6:
+        raise ValueError(f"{name} has values down to {lo:.3g}, but images must be in [0,1]. They look normalized: pass "
+                         "raw [0,1] images and put the normalization inside the model with `normalized(model, mean, std)`.")
     if hi > 1 + 1e-6:
         hint = "they look like 0–255 pixels: divide by 255" if hi > 2 else "clip or rescale them to [0,1]"
         raise ValueError(f"{name} has values up to {hi:.3g}, but images must be in [0,1]; {hint}. "
                          "(Normalization belongs inside the model: see `normalized`.)")
-    if lo < -1e-6:
-        raise ValueError(f"{name} has values down to {lo:.3g}, but images must be in [0,1]. They look normalized: pass "
-                         "raw [0,1] images and put the normalization inside the model with `normalized(model, mean, std)`.")
     return x
 
 # %% ../nbs/00_core.ipynb #686c8dcc

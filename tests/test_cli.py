@@ -1,0 +1,67 @@
+"The `igdmfast` command as a user runs it: a subprocess, offline, on the embedded data."
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+EXE = [sys.executable, '-m', 'igdmfast.cli']
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, MPLBACKEND='Agg')
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_help_lists_options_with_defaults():
+    r = run('train', '--help')
+    assert r.returncode == 0
+    for opt in ('--data', '--student', '--epochs', '--bs', '--lr', '--eps', '--seed', '--out', '--device'):
+        assert opt in r.stdout
+    assert '1/255' in r.stdout and 'default: digits' in r.stdout
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / 'igdmfast'
+    assert exe.exists(), 'pip install -e . should install the igdmfast console script'
+    r = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and 'train' in r.stdout
+
+
+def test_train_end_to_end(tmp_path):
+    r = run('train', '--epochs', '5', '--out', str(tmp_path / 'run'), '--seed', '1')
+    assert r.returncode == 0, r.stderr
+    assert '| Clean | FGSM | PGD-20 |' in r.stdout
+    run_dir = tmp_path / 'run'
+    for f in ('student.pt', 'history.csv', 'config.json', 'metrics.json'): assert (run_dir / f).exists(), f
+    cfg = json.loads((run_dir / 'config.json').read_text())
+    assert cfg['seed'] == 1 and set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai'}
+    acc = json.loads((run_dir / 'metrics.json').read_text())['accuracy']
+    assert acc['pgd20'] <= acc['clean']
+    assert acc['clean'] > 60  # 5 epochs on digits: far above the 10% of chance
+    from igdmfast.models import load_teacher
+    model = load_teacher(run_dir / 'student.pt')   # the saved student loads safely and rebuilds itself
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_seeded_runs_repeat(tmp_path):
+    a = run('train', '--epochs', '1', '--out', str(tmp_path / 'a'))
+    b = run('train', '--epochs', '1', '--out', str(tmp_path / 'b'))
+    assert a.returncode == b.returncode == 0
+    ma = json.loads((tmp_path / 'a' / 'metrics.json').read_text())['accuracy']
+    mb = json.loads((tmp_path / 'b' / 'metrics.json').read_text())['accuracy']
+    assert ma == mb
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--eps', '0'), 'eps must be positive'),
+    (('--eps', '300'), 'larger than 1'),
+    (('--data', 'no_such_dataset'), 'no_such_dataset'),
+    (('--data', 'missing_file.npz'), 'missing_file.npz'),
+    (('--student', 'no_such_model'), 'no_such_model'),
+    (('--epochs', '0'), 'epochs'),
+    (('--device', 'cuda:7'), 'device'),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    r = run('train', '--out', str(tmp_path / 'x'), *args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr
+    assert message in r.stderr, r.stderr[-2000:]
