@@ -121,5 +121,5 @@ def main(argv=None):
         print("igdmfast: interrupted", file=sys.stderr); return 130
     return 0
 
-# %% ../nbs/10_cli.ipynb #98f879f1
+# %% ../nbs/10_cli.ipynb #7769cdec
 if __name__ == '__main__': sys.exit(main())
