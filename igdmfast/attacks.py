@@ -15,7 +15,7 @@ from .core import ThreatModel, check_images, eval_mode, frozen
 __all__ = ['OBJECTIVES', 'AA_ATTACKS', 'ce_loss', 'cw_margin', 'kl_div', 'kl_objective', 'project', 'ascent_step', 'random_start',
            'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
 
-# %% ../nbs/01_attacks.ipynb #c2d2e0cb
+# %% ../nbs/01_attacks.ipynb #8a128fff
 def ce_loss(logits:Tensor, y:Tensor)->Tensor:
     "Per-sample cross-entropy of `logits` against labels `y`."
     return F.cross_entropy(logits, y, reduction='none')
@@ -26,10 +26,15 @@ def cw_margin(logits:Tensor, y:Tensor)->Tensor:
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float('-inf'))
     return other.amax(1) - z_y
 
-def kl_div(target_logits:Tensor, logits:Tensor)->Tensor:
-    "Per-sample KL(softmax(`target_logits`) ‖ softmax(`logits`)), summed over classes; the target is detached."
-    t = F.log_softmax(target_logits.detach().float(), 1)
-    return (t.exp() * (t - F.log_softmax(logits.float(), 1))).sum(1)
+def _f32(x:Tensor)->Tensor: return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+def kl_div(target_logits:Tensor, # logits of the target distribution P
+           logits:Tensor, # logits of the prediction Q
+           detach_target:bool=True, # stop gradients into the target (False when both sides move, as in AdaAD's attack)
+          )->Tensor:
+    "Per-sample KL(softmax(`target_logits`) ‖ softmax(`logits`)), summed over classes (half precision computed in fp32)."
+    t = F.log_softmax(_f32(target_logits.detach() if detach_target else target_logits), 1)
+    return (t.exp() * (t - F.log_softmax(_f32(logits), 1))).sum(1)
 
 def kl_objective(target_logits:Tensor)->Callable:
     "Objective `(logits, y) -> KL(softmax(target_logits) ‖ softmax(logits))` per sample (TRADES / RSLAD inner loss)."

@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['CLIError', 'train', 'main']
 
-# %% ../nbs/10_cli.ipynb #951553bf
+# %% ../nbs/10_cli.ipynb #190ee091
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -37,68 +37,111 @@ def _robust_accuracy(model, dls, threat, n_steps_pgd=20):
             n += len(yb)
     return {k: 100 * v / n for k, v in counts.items()}
 
+def _evaluate(model, dls, threat):
+    "Clean, FGSM and PGD-20 accuracy (in %) on the validation set."
+    return _robust_accuracy(model, dls, threat)
+
+def _model_arg(name, dls):
+    import timm
+    import igdmfast.models  # noqa: F401 (registers the CIFAR models)
+    try: return timm.create_model(name, num_classes=dls.c, in_chans=dls.in_chans)
+    except RuntimeError:
+        raise CLIError(f"Unknown model {name!r}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
+                       "resnet18_cifar, or any timm model.") from None
+
 def train(data:str='digits', # dataset name, .npz path or image folder
-          student:str='small_cnn', # any registered or timm model name
-          epochs:int=10, # number of epochs
+          teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
+          teacher_arch:str='small_cnn', # architecture of the teacher trained by 'auto'
+          student:str='tiny_mobilenet_cifar', # any registered or timm model name
+          method:str='adaad', # adversarial-distillation method (see igdmfast.methods.METHODS)
+          igdm:bool=True, # add the IGDM term
+          alpha:float|None=None, # IGDM's alpha (default: the paper's table)
+          epochs:int=10, # epochs of the student (and of the teacher trained by 'auto')
           bs:int=128, # batch size
           lr:float=3e-3, # maximum learning rate of the one-cycle schedule
-          eps:float=8, # attack radius in 1/255 units (Linf)
+          eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
+          steps:int=10, # PGD steps of the training perturbation (step size 2/255, or eps if smaller)
+          n_train:int|None=None, # use a seeded class-stratified subset of this many training images
+          n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
           seed:int=0, # the one seed of the run
           out:str='runs/train', # run folder
           device:str='auto', # cpu, cuda, cuda:N or auto
          )->dict:
-    "Train `student` on `data` with fastai, evaluate clean/FGSM/PGD-20 accuracy, and write a run folder."
-    import timm
-    from fastai.learner import Learner
-    from fastai.metrics import accuracy
-    import fastai.callback.schedule, fastai.callback.progress  # noqa: F401 (fit_one_cycle, progress bars)
+    "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import ThreatModel, seed_everything
     from igdmfast.data import get_dls
-    from igdmfast.models import save_weights
-    threat = ThreatModel.from_255(eps, min(2, eps))
+    from igdmfast.models import save_weights, load_teacher
+    from igdmfast.learner import adv_learner, distill_learner
+    from igdmfast.methods import get_method
     if epochs < 1: raise CLIError(f"--epochs must be at least 1, got {epochs}.")
+    get_method(method)   # fail fast, before any training
+    if alpha is not None and not alpha >= 0: raise CLIError(f"--alpha must be non-negative, got {alpha}.")
+    if teacher != 'auto' and not Path(teacher).is_file():
+        raise FileNotFoundError(f"Teacher checkpoint {teacher!r} not found: give a file path or 'auto'.")
+    threat = ThreatModel.from_255(eps, min(2, eps), n_steps=steps)
     seed_everything(seed)
     dev = _device(device)
-    dls = get_dls(data, bs=bs, device=dev, seed=seed)
-    try: model = timm.create_model(student, num_classes=dls.c, in_chans=dls.in_chans)
-    except RuntimeError as e:
-        raise CLIError(f"Unknown model {student!r}: use a registered name such as small_cnn, resnet18_cifar or a timm model ({e}).")
+    dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    learn = Learner(dls, model.to(dev), loss_func=torch.nn.CrossEntropyLoss(), metrics=accuracy, path=out,
-                    cbs=CSVLogger(fname='history.csv'))
     t0 = time.time()
-    learn.fit_one_cycle(epochs, lr)
-    train_s = time.time() - t0
-    res = _robust_accuracy(learn.model, dls, threat)
-    save_weights(learn.model, out/'student.pt', arch=student, epochs=epochs, seed=seed)
+    if teacher == 'auto':
+        print(f"Training a robust teacher ({teacher_arch}, PGD-AT, {epochs} epochs)...")
+        t_learn = adv_learner(_model_arg(teacher_arch, dls), dls, threat=threat, lr=lr, path=out,
+                              cbs=CSVLogger(fname='teacher_history.csv'))
+        t_learn.fit_one_cycle(epochs)
+        t_model = t_learn.model.eval().requires_grad_(False)
+        save_weights(t_model, out/'teacher.pt', arch=teacher_arch, method='pgd_at', epochs=epochs, seed=seed)
+    else: t_model = load_teacher(teacher)
+    teacher_s = time.time() - t0
+    s_model = _model_arg(student, dls)
+    print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
+    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, lr=lr,
+                            path=out, cbs=CSVLogger(fname='history.csv'))
+    t1 = time.time()
+    learn.fit_one_cycle(epochs)
+    student_s = time.time() - t1
+    learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed)
+    res = {'teacher': _evaluate(t_model, dls, threat), 'student': _evaluate(learn.model, dls, threat)}
     import igdmfast, fastai
-    cfg = dict(data=data, student=student, epochs=epochs, bs=bs, lr=lr, eps=eps, seed=seed, device=dev,
+    cfg = dict(data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, method=method, igdm=igdm,
+               alpha=learn.alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, steps=steps, n_train=n_train, n_valid=n_valid,
+               seed=seed, device=dev,
                versions=dict(igdmfast=igdmfast.__version__, torch=torch.__version__, fastai=fastai.__version__,
                              python=platform.python_version()))
     (out/'config.json').write_text(json.dumps(cfg, indent=2))
-    metrics = dict(accuracy=res, threat=repr(threat), train_seconds=round(train_s, 2), n_valid=len(dls.valid.dataset) if hasattr(dls.valid, 'dataset') else None)
+    metrics = dict(accuracy=res, threat=repr(threat), seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)),
+                   n_valid=len(dls.valid.dataset))
     (out/'metrics.json').write_text(json.dumps(metrics, indent=2))
-    print(f"\n{student} on {data}, {epochs} epochs ({train_s:.1f} s), evaluated with {threat!r}:")
-    print('| Clean | FGSM | PGD-20 |\n|---|---|---|')
-    print(f"| {res['clean']:.2f} | {res['fgsm']:.2f} | {res['pgd20']:.2f} |")
-    print(f"Run folder: {out}  (student.pt, history.csv, config.json, metrics.json)")
-    print("Note: this foundation release trains the model with clean fastai training; adversarial distillation with IGDM "
-          "(teacher, method, --igdm) is the next layer.")
+    rows = [f"| {name} | {r['clean']:.2f} | {r['fgsm']:.2f} | {r['pgd20']:.2f} |" for name, r in
+            [(f'teacher ({teacher_arch if teacher == "auto" else Path(teacher).name})', res['teacher']),
+             (f"student ({student}, {method}{'+IGDM' if igdm else ''})", res['student'])]]
+    table = '| model | Clean | FGSM | PGD-20 |\n|---|---|---|---|\n' + '\n'.join(rows)
+    (out/'report.md').write_text(f"# igdmfast train\n\n{data}, evaluated on {metrics['n_valid']} validation images with "
+                                 f"{threat!r}.\n\n{table}\n")
+    print(f"\n{table}\nRun folder: {out}  (teacher.pt, student.pt, history.csv, config.json, metrics.json, report.md)")
     return metrics
 
-# %% ../nbs/10_cli.ipynb #9d6092e2
+# %% ../nbs/10_cli.ipynb #d4d9dc35
 def _parser():
     p = argparse.ArgumentParser(prog='igdmfast', description='Adversarially robust distillation with IGDM.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     t = sub.add_parser('train', help='train a model on the embedded default data and evaluate its robustness',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
-    t.add_argument('--student', default='small_cnn', help='model name registered with timm')
-    t.add_argument('--epochs', type=int, default=10, help='number of epochs')
+    t.add_argument('--teacher', default='auto', help="teacher checkpoint, or 'auto' to train a robust one with PGD-AT first")
+    t.add_argument('--teacher-arch', dest='teacher_arch', default='small_cnn', help="architecture of the teacher trained by 'auto'")
+    t.add_argument('--student', default='tiny_mobilenet_cifar', help='student model name registered with timm')
+    t.add_argument('--method', default='adaad', help='adversarial-distillation method: pgd_at, trades, ard, iad, akd, rslad, adaad')
+    t.add_argument('--igdm', action=argparse.BooleanOptionalAction, default=True, help='add the IGDM term')
+    t.add_argument('--alpha', type=float, default=None, help="IGDM's alpha (default: the paper's table for the data and student)")
+    t.add_argument('--epochs', type=int, default=10, help='epochs of the student (and of an auto teacher)')
     t.add_argument('--bs', type=int, default=128, help='batch size')
-    t.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate')
+    t.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of the one-cycle schedule')
     t.add_argument('--eps', type=float, default=8, help='Linf attack radius in 1/255 units (8 means 8/255)')
+    t.add_argument('--steps', type=int, default=10, help='PGD steps of the training perturbation (step size 2/255)')
+    t.add_argument('--n-train', dest='n_train', type=int, default=None, help='train on a seeded, class-stratified subset of this many images')
+    t.add_argument('--n-valid', dest='n_valid', type=int, default=None, help='evaluate on a seeded, class-stratified subset of this many images')
     t.add_argument('--seed', type=int, default=0, help='the one seed of the run')
     t.add_argument('--out', default='runs/train', help='run folder')
     t.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')

@@ -29,7 +29,7 @@ class DistillBatch:
     t_nat: Tensor|None = None # teacher logits on the clean x
     t_adv: Tensor|None = None # teacher logits on x′
 
-# %% ../nbs/05_methods.ipynb #e3e6ce85
+# %% ../nbs/05_methods.ipynb #1ec9ea9b
 def inner_ce(student, teacher, x, y, threat, t_nat=None, mode='eval'):
     "PGD on CE(S(x′), y): PGD-AT, ARD, IAD, AKD."
     return perturb(student, x, y, threat, 'ce', mode=mode, check=False)
@@ -43,7 +43,7 @@ def inner_rslad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
     "Maximize KL(T(x) ‖ S(x′)), the teacher's clean soft labels as target: RSLAD."
     return perturb(student, x, y, threat, kl_objective(t_nat), mode=mode, check=False)
 
-def _adaad_objective(outs, y): return kl_div(outs[1], outs[0])
+def _adaad_objective(outs, y): return kl_div(outs[1], outs[0], detach_target=False)  # through both, as the official code
 
 def inner_adaad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
     "Maximize KL(T(x′) ‖ S(x′)), the teacher evaluated at the moving point: AdaAD."

@@ -14,7 +14,8 @@ def run(*args, cwd=None):
 def test_help_lists_options_with_defaults():
     r = run('train', '--help')
     assert r.returncode == 0
-    for opt in ('--data', '--student', '--epochs', '--bs', '--lr', '--eps', '--seed', '--out', '--device'):
+    for opt in ('--data', '--teacher', '--student', '--method', '--igdm', '--no-igdm', '--alpha', '--epochs', '--bs',
+                '--lr', '--eps', '--steps', '--n-train', '--n-valid', '--seed', '--out', '--device'):
         assert opt in r.stdout
     assert '1/255' in r.stdout and 'default: digits' in r.stdout
 
@@ -27,24 +28,30 @@ def test_console_script_is_installed():
 
 
 def test_train_end_to_end(tmp_path):
-    r = run('train', '--epochs', '5', '--out', str(tmp_path / 'run'), '--seed', '1')
+    r = run('train', '--epochs', '4', '--bs', '64', '--method', 'ard', '--steps', '3', '--n-train', '640', '--n-valid', '200',
+            '--out', str(tmp_path / 'run'), '--seed', '1')
     assert r.returncode == 0, r.stderr
-    assert '| Clean | FGSM | PGD-20 |' in r.stdout
+    assert '| model | Clean | FGSM | PGD-20 |' in r.stdout
     run_dir = tmp_path / 'run'
-    for f in ('student.pt', 'history.csv', 'config.json', 'metrics.json'): assert (run_dir / f).exists(), f
+    for f in ('teacher.pt', 'student.pt', 'history.csv', 'teacher_history.csv', 'config.json', 'metrics.json', 'report.md'):
+        assert (run_dir / f).exists(), f
     cfg = json.loads((run_dir / 'config.json').read_text())
-    assert cfg['seed'] == 1 and set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai'}
+    assert cfg['seed'] == 1 and cfg['method'] == 'ard' and cfg['igdm'] and set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai'}
     acc = json.loads((run_dir / 'metrics.json').read_text())['accuracy']
-    assert acc['pgd20'] <= acc['clean']
-    assert acc['clean'] > 60  # 5 epochs on digits: far above the 10% of chance
+    for who in ('teacher', 'student'):
+        assert acc[who]['pgd20'] <= acc[who]['clean']
+        assert acc[who]['clean'] > 30, acc  # 4 short epochs on digits: far above the 10% of chance
+    assert 'igdm_loss' in (run_dir / 'history.csv').read_text().splitlines()[0]
     from igdmfast.models import load_teacher
-    model = load_teacher(run_dir / 'student.pt')   # the saved student loads safely and rebuilds itself
-    assert not any(p.requires_grad for p in model.parameters())
+    for f in ('teacher.pt', 'student.pt'):   # both load safely and rebuild themselves
+        model = load_teacher(run_dir / f)
+        assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_seeded_runs_repeat(tmp_path):
-    a = run('train', '--epochs', '1', '--out', str(tmp_path / 'a'))
-    b = run('train', '--epochs', '1', '--out', str(tmp_path / 'b'))
+    fast = ('--epochs', '1', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100')
+    a = run('train', *fast, '--out', str(tmp_path / 'a'))
+    b = run('train', *fast, '--out', str(tmp_path / 'b'))
     assert a.returncode == b.returncode == 0
     ma = json.loads((tmp_path / 'a' / 'metrics.json').read_text())['accuracy']
     mb = json.loads((tmp_path / 'b' / 'metrics.json').read_text())['accuracy']
@@ -57,6 +64,9 @@ def test_seeded_runs_repeat(tmp_path):
     (('--data', 'no_such_dataset'), 'no_such_dataset'),
     (('--data', 'missing_file.npz'), 'missing_file.npz'),
     (('--student', 'no_such_model'), 'no_such_model'),
+    (('--method', 'mart'), 'Known methods'),
+    (('--teacher', 'missing_teacher.pt'), 'missing_teacher.pt'),
+    (('--alpha', '-1'), 'non-negative'),
     (('--epochs', '0'), 'epochs'),
     (('--device', 'cuda:7'), 'device'),
 ])

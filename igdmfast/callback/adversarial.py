@@ -62,7 +62,7 @@ class AdvExamples(Callback):
 
     def after_batch(self): self.x_nat = self.t_nat = None
 
-# %% ../../nbs/06_callback.adversarial.ipynb #9a47310f
+# %% ../../nbs/06_callback.adversarial.ipynb #c042cbc4
 class DistillStat(Metric):
     "A training-epoch average kept by `AdvDistill` (base loss, IGDM loss, IGDM weight), shown as a column."
     def __init__(self, key:str): self.key, self.cb = key, None
@@ -99,7 +99,8 @@ class AdvDistill(Callback):
         if self.adv is None: raise ValueError("AdvDistill needs the AdvExamples callback (it supplies x′ and the clean batch).")
 
     def before_train(self):
-        self.old_lf, self.learn.loss_func = self.learn.loss_func, self.lf
+        if getattr(self.learn.loss_func, '__self__', None) is not self:  # still installed if an exception skipped `after_train`
+            self.old_lf, self.learn.loss_func = self.learn.loss_func, self.lf
         self.stats = {}
 
     def after_train(self):
