@@ -27,7 +27,7 @@ B, C, K = 8, 5, 3                 # batch, classes, attack steps
 EPS, STEP = 0.25, 0.1             # a large ball: x′ often hits [0,1], x − δ leaves it, and IGDM's Δ are far from 0
 ALPHA, N_EPOCH = 40.0, 2          # IGDM weight α·(e+1)/E: α/2 in epoch 0, α in epoch 1
 RTOL = 1e-5                       # relative, on the loss and on every gradient tensor (max-abs normalized)
-KL32_ATOL = 1e-7                  # plus, on the loss only, float32 rounding of the library's KLs per unit of weight
+KL32_ATOL = 1e-12                 # plus, on the loss only, float64 rounding per unit of weight
 THREAT = ThreatModel(eps=EPS, step_size=STEP, n_steps=K)
 METHOD_NAMES = ('pgd_at', 'trades', 'ard', 'iad', 'akd', 'rslad', 'adaad')
 
