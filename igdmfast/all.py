@@ -1,5 +1,9 @@
 "Everything a user needs: `from igdmfast.all import *`."
 from .core import *
 from .attacks import *
+from .losses import *
+from .methods import *
 from .models import *
 from .data import *
+from .callback.adversarial import *
+from .learner import *
