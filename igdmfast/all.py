@@ -7,3 +7,4 @@ from .models import *
 from .data import *
 from .callback.adversarial import *
 from .learner import *
+from .callback.checkpoint import *
