@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['CLIError', 'train', 'main']
 
-# %% ../nbs/10_cli.ipynb #190ee091
+# %% ../nbs/10_cli.ipynb #b54dd3ee
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -49,6 +49,13 @@ def _model_arg(name, dls):
         raise CLIError(f"Unknown model {name!r}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
                        "resnet18_cifar, or any timm model.") from None
 
+def _resume_point(learn, path, resume):
+    "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
+    if not resume or not Path(path).is_file(): return 0
+    start = learn.resume_from(path)
+    print(f"Resuming from {path} at epoch {start}.")
+    return start
+
 def train(data:str='digits', # dataset name, .npz path or image folder
           teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
           teacher_arch:str='small_cnn', # architecture of the teacher trained by 'auto'
@@ -65,6 +72,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
           n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
           seed:int=0, # the one seed of the run
           out:str='runs/train', # run folder
+          resume:bool=False, # continue a killed run from the last complete epoch in `out`
           device:str='auto', # cpu, cuda, cuda:N or auto
          )->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
@@ -73,6 +81,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     from igdmfast.data import get_dls
     from igdmfast.models import save_weights, load_teacher
     from igdmfast.learner import adv_learner, distill_learner
+    from igdmfast.callback.checkpoint import Checkpoint
     from igdmfast.methods import get_method
     if epochs < 1: raise CLIError(f"--epochs must be at least 1, got {epochs}.")
     get_method(method)   # fail fast, before any training
@@ -85,11 +94,15 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if teacher == 'auto':
+    if teacher == 'auto' and resume and (out/'teacher.pt').is_file():
+        print(f"Resuming: the teacher of {out} is complete (teacher.pt).")
+        t_model = load_teacher(out/'teacher.pt')
+    elif teacher == 'auto':
         print(f"Training a robust teacher ({teacher_arch}, PGD-AT, {epochs} epochs)...")
         t_learn = adv_learner(_model_arg(teacher_arch, dls), dls, threat=threat, lr=lr, path=out,
-                              cbs=CSVLogger(fname='teacher_history.csv'))
-        t_learn.fit_one_cycle(epochs)
+                              cbs=[CSVLogger(fname='teacher_history.csv'), Checkpoint('teacher_checkpoint.pt')])
+        start = _resume_point(t_learn, out/'teacher_checkpoint.pt', resume)
+        t_learn.fit_one_cycle(epochs, start_epoch=start)
         t_model = t_learn.model.eval().requires_grad_(False)
         save_weights(t_model, out/'teacher.pt', arch=teacher_arch, method='pgd_at', epochs=epochs, seed=seed)
     else: t_model = load_teacher(teacher)
@@ -97,9 +110,9 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     s_model = _model_arg(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
     learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, lr=lr,
-                            path=out, cbs=CSVLogger(fname='history.csv'))
+                            path=out, cbs=[CSVLogger(fname='history.csv'), Checkpoint('checkpoint.pt')])
     t1 = time.time()
-    learn.fit_one_cycle(epochs)
+    learn.fit_one_cycle(epochs, start_epoch=_resume_point(learn, out/'checkpoint.pt', resume))
     student_s = time.time() - t1
     learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed)
     res = {'teacher': _evaluate(t_model, dls, threat), 'student': _evaluate(learn.model, dls, threat)}
@@ -122,7 +135,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     print(f"\n{table}\nRun folder: {out}  (teacher.pt, student.pt, history.csv, config.json, metrics.json, report.md)")
     return metrics
 
-# %% ../nbs/10_cli.ipynb #d4d9dc35
+# %% ../nbs/10_cli.ipynb #24bfc65d
 def _parser():
     p = argparse.ArgumentParser(prog='igdmfast', description='Adversarially robust distillation with IGDM.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
@@ -144,6 +157,7 @@ def _parser():
     t.add_argument('--n-valid', dest='n_valid', type=int, default=None, help='evaluate on a seeded, class-stratified subset of this many images')
     t.add_argument('--seed', type=int, default=0, help='the one seed of the run')
     t.add_argument('--out', default='runs/train', help='run folder')
+    t.add_argument('--resume', action='store_true', help='continue a killed run from the last complete epoch saved in --out')
     t.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
     return p
 
@@ -161,7 +175,8 @@ def main(argv=None):
         print(f"igdmfast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("igdmfast: interrupted", file=sys.stderr); return 130
+        print("igdmfast: interrupted; the last complete epoch is saved: rerun with --resume to continue.", file=sys.stderr)
+        return 130
     return 0
 
 # %% ../nbs/10_cli.ipynb #7769cdec

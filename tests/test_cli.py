@@ -15,7 +15,7 @@ def test_help_lists_options_with_defaults():
     r = run('train', '--help')
     assert r.returncode == 0
     for opt in ('--data', '--teacher', '--student', '--method', '--igdm', '--no-igdm', '--alpha', '--epochs', '--bs',
-                '--lr', '--eps', '--steps', '--n-train', '--n-valid', '--seed', '--out', '--device'):
+                '--lr', '--eps', '--steps', '--n-train', '--n-valid', '--seed', '--out', '--resume', '--device'):
         assert opt in r.stdout
     assert '1/255' in r.stdout and 'default: digits' in r.stdout
 
@@ -75,3 +75,17 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert 'Traceback' not in r.stderr
     assert message in r.stderr, r.stderr[-2000:]
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    "A run continued with --resume after it finished reloads its checkpoints and gives the same student."
+    import torch
+    fast = ('--epochs', '2', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100',
+            '--out', str(tmp_path / 'r'))
+    assert run('train', *fast).returncode == 0
+    first = torch.load(tmp_path / 'r' / 'student.pt', weights_only=True)['state_dict']
+    r = run('train', *fast, '--resume')
+    assert r.returncode == 0, r.stderr
+    assert 'Resuming' in r.stdout
+    again = torch.load(tmp_path / 'r' / 'student.pt', weights_only=True)['state_dict']
+    assert all(torch.equal(first[k], again[k]) for k in first)
