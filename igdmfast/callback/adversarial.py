@@ -33,7 +33,7 @@ def prepare_teacher(teacher:nn.Module, # the teacher network
     if device is not None: teacher.to(device)
     return teacher.eval()
 
-# %% ../../nbs/06_callback.adversarial.ipynb #0e1f5ada
+# %% ../../nbs/06_callback.adversarial.ipynb #674146f2
 class AdvExamples(Callback):
     "Replace each training batch by the method's adversarial examples x′; the clean batch stays in `self.x_nat`."
     order, run_valid = MixedPrecision.order - 3, False  # before AdvDistill and before autocast: the attack runs in fp32
@@ -50,10 +50,14 @@ class AdvExamples(Callback):
             raise ValueError(f"Method {self.method.name!r} attacks against the teacher: pass `teacher=`.")
         self.x_nat = self.t_nat = None
 
+    def _init_state(self): self._state, self.teacher, self.x_nat, self.t_nat = {}, None, None, None  # after unpickling: no teacher
+
     def before_fit(self):
         if self.teacher is not None: self.teacher = prepare_teacher(self.teacher, self.dls.device)
 
     def before_batch(self):
+        if self.teacher is None and (self.method.teacher_before_attack or self.method.teacher_in_attack):
+            raise ValueError("This learner has no teacher (a loaded export carries none): it can predict but not train.")
         x, y = self.xb[0], self.yb[0]
         self.x_nat, self.t_nat = x, None
         if self.method.teacher_before_attack:
@@ -62,7 +66,7 @@ class AdvExamples(Callback):
 
     def after_batch(self): self.x_nat = self.t_nat = None
 
-# %% ../../nbs/06_callback.adversarial.ipynb #c042cbc4
+# %% ../../nbs/06_callback.adversarial.ipynb #f33b32dc
 class DistillStat(Metric):
     "A training-epoch average kept by `AdvDistill` (base loss, IGDM loss, IGDM weight), shown as a column."
     def __init__(self, key:str): self.key, self.cb = key, None
@@ -93,6 +97,8 @@ class AdvDistill(Callback):
             raise ValueError(f"{'IGDM' if igdm else 'Method ' + repr(self.method.name)} needs a teacher: pass `teacher=`.")
         self.stats = {}
 
+    def _init_state(self): self._state, self.teacher, self.stats = {}, None, {}  # after unpickling: no teacher
+
     def before_fit(self):
         if self.teacher is not None: self.teacher = prepare_teacher(self.teacher, self.dls.device)
         self.adv = getattr(self.learn, 'adv_examples', None)
@@ -110,6 +116,8 @@ class AdvDistill(Callback):
 
     def before_batch(self):
         "The teacher outputs this step needs, in one batched call: T(x), T(x′) = T(x+δ), T(x−δ)."
+        if self.teacher is None and (self.igdm or self.method.uses_teacher):
+            raise ValueError("This learner has no teacher (a loaded export carries none): it can predict but not train.")
         x, x_adv = self.adv.x_nat, self.xb[0]
         self.needs = self.method.needs(self.kw, self.epoch)
         self.t_nat = self.adv.t_nat
