@@ -8,3 +8,4 @@ from .data import *
 from .callback.adversarial import *
 from .learner import *
 from .callback.checkpoint import *
+from .evaluate import *
