@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['CLIError', 'train', 'main']
 
-# %% ../nbs/10_cli.ipynb #b54dd3ee
+# %% ../nbs/10_cli.ipynb #84b0bade
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -22,24 +22,27 @@ def _device(name):
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise CLIError(f"--device {name} asked for CUDA, but no GPU is available: use --device cpu.")
     return str(dev)
 
-def _robust_accuracy(model, dls, threat, n_steps_pgd=20):
-    "Clean, FGSM and PGD-20 accuracy (in %) of `model` on the validation set of `dls`."
-    from igdmfast.attacks import fgsm, pgd
-    from igdmfast.core import eval_mode
-    counts, n = dict(clean=0, fgsm=0, pgd20=0), 0
-    g = torch.Generator().manual_seed(0)
-    with eval_mode(model):
-        for xb, yb in dls.valid:
-            advs = dict(clean=xb, fgsm=fgsm(model, xb, yb, threat.eps, threat.norm),
-                        pgd20=pgd(model, xb, yb, threat.replace(n_steps=n_steps_pgd), generator=g))
-            with torch.no_grad():
-                for k, xa in advs.items(): counts[k] += (model(xa).argmax(1) == yb).sum().item()
-            n += len(yb)
-    return {k: 100 * v / n for k, v in counts.items()}
+def _evaluate_models(models, dls, threat, n_aa, seed):
+    "robust_eval of each model: clean/FGSM/PGD-20/C&W∞ on the validation set, AutoAttack on a seeded subset of `n_aa`."
+    from igdmfast.evaluate import robust_eval
+    results = {}
+    for name, m in models.items():
+        print(f"Evaluating {name}...")
+        r = dict(robust_eval(m, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed))
+        if n_aa:
+            aa = robust_eval(m, dls.valid, attacks=('aa',), threat=threat, n=n_aa, seed=seed)
+            r['aa'] = aa['aa']
+        results[name] = r
+    return results, {}
 
-def _evaluate(model, dls, threat):
-    "Clean, FGSM and PGD-20 accuracy (in %) on the validation set."
-    return _robust_accuracy(model, dls, threat)
+def _print_table(results, aligned):
+    cols = [('clean', 'Clean'), ('fgsm', 'FGSM'), ('pgd20', 'PGD-20'), ('cw', 'C&W∞'), ('aa', 'AA')]
+    print('\n| model | ' + ' | '.join(c for _, c in cols) + ' | GD | GC |')
+    print('|---|' + '---|' * (len(cols) + 2))
+    for name, r in results.items():
+        vals = [f"{r[k]:.2f}" if r.get(k) is not None else '–' for k, _ in cols]
+        al = aligned.get(name)
+        print(f"| {name} | " + ' | '.join(vals) + (f" | {al['gd']:.4f} | {al['gc']:.4f} |" if al else ' | – | – |'))
 
 def _model_arg(name, dls):
     import timm
@@ -70,6 +73,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
           steps:int=10, # PGD steps of the training perturbation (step size 2/255, or eps if smaller)
           n_train:int|None=None, # use a seeded class-stratified subset of this many training images
           n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
+          n_aa:int=100, # AutoAttack (standard) on a seeded subset of this many validation images (0: skip)
           seed:int=0, # the one seed of the run
           out:str='runs/train', # run folder
           resume:bool=False, # continue a killed run from the last complete epoch in `out`
@@ -82,6 +86,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     from igdmfast.models import save_weights, load_teacher
     from igdmfast.learner import adv_learner, distill_learner
     from igdmfast.callback.checkpoint import Checkpoint
+    from igdmfast.evaluate import grad_alignment, save_report, plot_grad_cosines, plot_training_curves
     from igdmfast.methods import get_method
     if epochs < 1: raise CLIError(f"--epochs must be at least 1, got {epochs}.")
     get_method(method)   # fail fast, before any training
@@ -115,27 +120,29 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     learn.fit_one_cycle(epochs, start_epoch=_resume_point(learn, out/'checkpoint.pt', resume))
     student_s = time.time() - t1
     learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed)
-    res = {'teacher': _evaluate(t_model, dls, threat), 'student': _evaluate(learn.model, dls, threat)}
+    t_name = f'teacher ({teacher_arch if teacher == "auto" else Path(teacher).name})'
+    s_name = f"student ({student}, {method}{'+IGDM' if igdm else ''})"
+    results, aligned = _evaluate_models({t_name: t_model, s_name: learn.model}, dls, threat, n_aa, seed)
+    aligned = {s_name: grad_alignment(learn.model, t_model, dls.valid, seed=seed)}
     import igdmfast, fastai
     cfg = dict(data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, method=method, igdm=igdm,
                alpha=learn.alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, steps=steps, n_train=n_train, n_valid=n_valid,
-               seed=seed, device=dev,
+               n_aa=n_aa, seed=seed, device=dev,
                versions=dict(igdmfast=igdmfast.__version__, torch=torch.__version__, fastai=fastai.__version__,
                              python=platform.python_version()))
     (out/'config.json').write_text(json.dumps(cfg, indent=2))
-    metrics = dict(accuracy=res, threat=repr(threat), seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)),
-                   n_valid=len(dls.valid.dataset))
-    (out/'metrics.json').write_text(json.dumps(metrics, indent=2))
-    rows = [f"| {name} | {r['clean']:.2f} | {r['fgsm']:.2f} | {r['pgd20']:.2f} |" for name, r in
-            [(f'teacher ({teacher_arch if teacher == "auto" else Path(teacher).name})', res['teacher']),
-             (f"student ({student}, {method}{'+IGDM' if igdm else ''})", res['student'])]]
-    table = '| model | Clean | FGSM | PGD-20 |\n|---|---|---|---|\n' + '\n'.join(rows)
-    (out/'report.md').write_text(f"# igdmfast train\n\n{data}, evaluated on {metrics['n_valid']} validation images with "
-                                 f"{threat!r}.\n\n{table}\n")
-    print(f"\n{table}\nRun folder: {out}  (teacher.pt, student.pt, history.csv, config.json, metrics.json, report.md)")
+    plots = [plot_grad_cosines({s_name: aligned[s_name]['per_sample_gc']}, out/'grad_cosines.png'),
+             plot_training_curves(out/'history.csv', out/'training_curves.png')]
+    save_report(results, out, name='igdmfast train', alignment=aligned, plots=[p.name for p in plots],
+                notes=f"{data}: {len(dls.valid.dataset)} validation images, {threat!r}; AutoAttack (standard) on a "
+                      f"seeded subset of {n_aa}. Teacher {teacher_s:.1f} s, student {student_s:.1f} s of training.",
+                extra=dict(seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)), config=cfg))
+    metrics = json.loads((out/'metrics.json').read_text())
+    _print_table(results, aligned)
+    print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
     return metrics
 
-# %% ../nbs/10_cli.ipynb #24bfc65d
+# %% ../nbs/10_cli.ipynb #3304e22f
 def _parser():
     p = argparse.ArgumentParser(prog='igdmfast', description='Adversarially robust distillation with IGDM.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
@@ -155,6 +162,7 @@ def _parser():
     t.add_argument('--steps', type=int, default=10, help='PGD steps of the training perturbation (step size 2/255)')
     t.add_argument('--n-train', dest='n_train', type=int, default=None, help='train on a seeded, class-stratified subset of this many images')
     t.add_argument('--n-valid', dest='n_valid', type=int, default=None, help='evaluate on a seeded, class-stratified subset of this many images')
+    t.add_argument('--n-aa', dest='n_aa', type=int, default=100, help='AutoAttack (standard) on a seeded subset of this many validation images; 0 skips it')
     t.add_argument('--seed', type=int, default=0, help='the one seed of the run')
     t.add_argument('--out', default='runs/train', help='run folder')
     t.add_argument('--resume', action='store_true', help='continue a killed run from the last complete epoch saved in --out')

@@ -28,19 +28,26 @@ def test_console_script_is_installed():
 
 
 def test_train_end_to_end(tmp_path):
-    r = run('train', '--epochs', '4', '--bs', '64', '--method', 'ard', '--steps', '3', '--n-train', '640', '--n-valid', '200',
+    r = run('train', '--epochs', '4', '--bs', '64', '--method', 'ard', '--steps', '3', '--n-train', '640', '--n-valid', '200', '--n-aa', '8',
             '--out', str(tmp_path / 'run'), '--seed', '1')
     assert r.returncode == 0, r.stderr
-    assert '| model | Clean | FGSM | PGD-20 |' in r.stdout
+    assert '| model | Clean | FGSM | PGD-20 | C&W∞ | AA | GD | GC |' in r.stdout
     run_dir = tmp_path / 'run'
-    for f in ('teacher.pt', 'student.pt', 'history.csv', 'teacher_history.csv', 'config.json', 'metrics.json', 'report.md'):
+    for f in ('teacher.pt', 'student.pt', 'checkpoint.pt', 'history.csv', 'teacher_history.csv', 'config.json',
+              'metrics.json', 'report.md', 'grad_cosines.png', 'training_curves.png'):
         assert (run_dir / f).exists(), f
     cfg = json.loads((run_dir / 'config.json').read_text())
     assert cfg['seed'] == 1 and cfg['method'] == 'ard' and cfg['igdm'] and set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai'}
-    acc = json.loads((run_dir / 'metrics.json').read_text())['accuracy']
-    for who in ('teacher', 'student'):
-        assert acc[who]['pgd20'] <= acc[who]['clean']
-        assert acc[who]['clean'] > 30, acc  # 4 short epochs on digits: far above the 10% of chance
+    report = (run_dir / 'report.md').read_text()
+    assert '| Clean | FGSM | PGD-20 | C&W∞ | AA | GD | GC |' in report.replace('Model | ', '')
+    models = json.loads((run_dir / 'metrics.json').read_text())['models']
+    for name, m in models.items():
+        r = m['numbers']
+        assert r['pgd20'] <= r['clean'] and r['cw'] <= r['clean'], (name, r)
+        assert r['clean'] > 30, (name, r)   # 4 short epochs on digits: far above the 10% of chance
+        assert 0 <= r['aa'] <= 100
+    student = [m['numbers'] for name, m in models.items() if name.startswith('student')][0]
+    assert -1 <= student['gc'] <= 1 and student['gd'] >= 0
     assert 'igdm_loss' in (run_dir / 'history.csv').read_text().splitlines()[0]
     from igdmfast.models import load_teacher
     for f in ('teacher.pt', 'student.pt'):   # both load safely and rebuild themselves
@@ -49,13 +56,17 @@ def test_train_end_to_end(tmp_path):
 
 
 def test_seeded_runs_repeat(tmp_path):
-    fast = ('--epochs', '1', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100')
+    fast = ('--epochs', '1', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100', '--n-aa', '0')
     a = run('train', *fast, '--out', str(tmp_path / 'a'))
     b = run('train', *fast, '--out', str(tmp_path / 'b'))
     assert a.returncode == b.returncode == 0
-    ma = json.loads((tmp_path / 'a' / 'metrics.json').read_text())['accuracy']
-    mb = json.loads((tmp_path / 'b' / 'metrics.json').read_text())['accuracy']
-    assert ma == mb
+    ma = json.loads((tmp_path / 'a' / 'metrics.json').read_text())
+    mb = json.loads((tmp_path / 'b' / 'metrics.json').read_text())
+    assert ma['models'] == mb['models'] and ma['alignment'] == mb['alignment']   # every accuracy, GD and GC
+    import torch
+    sa = torch.load(tmp_path / 'a' / 'student.pt', weights_only=True)['state_dict']
+    sb = torch.load(tmp_path / 'b' / 'student.pt', weights_only=True)['state_dict']
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)   # the same seed gives bit-identical weights
 
 
 @pytest.mark.parametrize('args, message', [
@@ -81,7 +92,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     "A run continued with --resume after it finished reloads its checkpoints and gives the same student."
     import torch
     fast = ('--epochs', '2', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100',
-            '--out', str(tmp_path / 'r'))
+            '--n-aa', '0', '--out', str(tmp_path / 'r'))
     assert run('train', *fast).returncode == 0
     first = torch.load(tmp_path / 'r' / 'student.pt', weights_only=True)['state_dict']
     r = run('train', *fast, '--resume')
