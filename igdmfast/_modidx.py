@@ -161,6 +161,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'igdmfast.cli._parser': ('cli.html#_parser', 'igdmfast/cli.py'),
                               'igdmfast.cli._print_table': ('cli.html#_print_table', 'igdmfast/cli.py'),
                               'igdmfast.cli._resume_point': ('cli.html#_resume_point', 'igdmfast/cli.py'),
+                              'igdmfast.cli.evaluate': ('cli.html#evaluate', 'igdmfast/cli.py'),
                               'igdmfast.cli.main': ('cli.html#main', 'igdmfast/cli.py'),
                               'igdmfast.cli.train': ('cli.html#train', 'igdmfast/cli.py')},
             'igdmfast.core': { 'igdmfast.core.Normalize': ('core.html#normalize', 'igdmfast/core.py'),

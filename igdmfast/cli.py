@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['CLIError', 'train', 'main']
+__all__ = ['CLIError', 'train', 'evaluate', 'main']
 
 # %% ../nbs/10_cli.ipynb #84b0bade
 class CLIError(Exception):
@@ -142,7 +142,51 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
     return metrics
 
-# %% ../nbs/10_cli.ipynb #3304e22f
+# %% ../nbs/10_cli.ipynb #348e1ef3
+def evaluate(model:str, # checkpoint of the model to evaluate
+             data:str='digits', # dataset name, .npz path or image folder
+             attacks:str='clean,fgsm,pgd20,cw,aa', # comma-separated attack names
+             n:int|None=None, # evaluate on a fixed seeded subset of this many validation images
+             eps:float=8, # Linf radius in 1/255 units
+             teacher:str|None=None, # a teacher checkpoint: adds GD and GC against it
+             arch:str|None=None, # architecture, for plain state dicts without one
+             curve:bool=False, # also measure and plot PGD-20 accuracy against eps (0 to 16/255)
+             bs:int=128, # batch size
+             seed:int=0, # seed of the subset and of the attacks
+             out:str='runs/eval', # report folder
+             device:str='auto', # cpu, cuda, cuda:N or auto
+            )->dict:
+    "Evaluate a saved model with the paper's attacks (and GD/GC against a teacher); write a report."
+    from igdmfast.core import ThreatModel, seed_everything
+    from igdmfast.data import get_dls
+    from igdmfast.models import load_teacher
+    from igdmfast.evaluate import robust_eval, grad_alignment, save_report, accuracy_vs_eps, plot_acc_vs_eps
+    for f in [model] + ([teacher] if teacher else []):
+        if not Path(f).is_file(): raise FileNotFoundError(f"Checkpoint {f!r} not found.")
+    threat = ThreatModel.from_255(eps, min(2, eps))
+    names = [a.strip() for a in attacks.split(',') if a.strip()]
+    if not names: raise CLIError("--attacks is empty: give e.g. clean,fgsm,pgd20,cw,aa.")
+    seed_everything(seed)
+    dev = _device(device)
+    dls = get_dls(data, bs=bs, device=dev, seed=seed)
+    m = load_teacher(model, arch=arch).to(dev)
+    t = load_teacher(teacher).to(dev) if teacher else None
+    name = Path(model).name
+    res = robust_eval(m, dls.valid, attacks=names, threat=threat, n=n, seed=seed)
+    aligned = {name: grad_alignment(m, t, dls.valid, n=n, seed=seed)} if t is not None else {}
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if curve:
+        c = accuracy_vs_eps(m, dls.valid, n=n, seed=seed)
+        plots.append(plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name)
+    save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
+                notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}.")
+    _print_table({name: dict(res)}, aligned)
+    for w in res.warnings: print(f"warning: {w}")
+    print(f"Report: {out/'report.md'}")
+    return dict(res)
+
+# %% ../nbs/10_cli.ipynb #9f06f145
 def _parser():
     p = argparse.ArgumentParser(prog='igdmfast', description='Adversarially robust distillation with IGDM.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
@@ -167,6 +211,20 @@ def _parser():
     t.add_argument('--out', default='runs/train', help='run folder')
     t.add_argument('--resume', action='store_true', help='continue a killed run from the last complete epoch saved in --out')
     t.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
+    e = sub.add_parser('eval', help="evaluate a saved model with the paper's attacks (and GD/GC against a teacher)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument('model', help='checkpoint of the model to evaluate (e.g. runs/train/student.pt)')
+    e.add_argument('--data', default='digits', help='dataset name, an .npz path or an image folder')
+    e.add_argument('--attacks', default='clean,fgsm,pgd20,cw,aa', help='comma-separated: clean, fgsm, pgdK, cw, aa')
+    e.add_argument('--n', type=int, default=None, help='evaluate on a fixed seeded subset of this many images')
+    e.add_argument('--eps', type=float, default=8, help='Linf radius in 1/255 units (8 means 8/255)')
+    e.add_argument('--teacher', default=None, help='teacher checkpoint: adds GD and GC against it')
+    e.add_argument('--arch', default=None, help='architecture, for plain state dicts that do not record one')
+    e.add_argument('--curve', action='store_true', help='also plot PGD-20 accuracy against eps from 0 to 16/255')
+    e.add_argument('--bs', type=int, default=128, help='batch size')
+    e.add_argument('--seed', type=int, default=0, help='seed of the subset and of the attacks')
+    e.add_argument('--out', default='runs/eval', help='report folder')
+    e.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
     return p
 
 def main(argv=None):
@@ -179,6 +237,8 @@ def main(argv=None):
         if args.command == 'train':
             kw = {k: v for k, v in vars(args).items() if k != 'command'}
             train(**kw)
+        elif args.command == 'eval':
+            evaluate(**{k: v for k, v in vars(args).items() if k != 'command'})
     except (CLIError, ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"igdmfast: error: {e}", file=sys.stderr)
         return 2

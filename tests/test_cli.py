@@ -100,3 +100,19 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     assert 'Resuming' in r.stdout
     again = torch.load(tmp_path / 'r' / 'student.pt', weights_only=True)['state_dict']
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_eval_command(tmp_path):
+    "igdmfast eval on a run folder's student: the paper's table, GD/GC against the teacher, the eps curve."
+    fast = ('--epochs', '2', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100',
+            '--n-aa', '0', '--out', str(tmp_path / 'r'))
+    assert run('train', *fast).returncode == 0
+    r = run('eval', str(tmp_path / 'r' / 'student.pt'), '--attacks', 'clean,fgsm,pgd20,cw', '--n', '64',
+            '--teacher', str(tmp_path / 'r' / 'teacher.pt'), '--curve', '--out', str(tmp_path / 'e'))
+    assert r.returncode == 0, r.stderr
+    assert '| model | Clean | FGSM | PGD-20 | C&W∞ | AA | GD | GC |' in r.stdout
+    for f in ('metrics.json', 'report.md', 'acc_vs_eps.png'): assert (tmp_path / 'e' / f).exists(), f
+    m = json.loads((tmp_path / 'e' / 'metrics.json').read_text())['models']['student.pt']['numbers']
+    assert m['pgd20'] <= m['clean'] and -1 <= m['gc'] <= 1 and m['gd'] >= 0, m
+    bad = run('eval', str(tmp_path / 'nope.pt'))
+    assert bad.returncode == 2 and 'nope.pt' in bad.stderr and 'Traceback' not in bad.stderr
