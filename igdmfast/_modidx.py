@@ -297,6 +297,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'igdmfast.evaluate._threat_dict': ('evaluate.html#_threat_dict', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._uniform_delta': ('evaluate.html#_uniform_delta', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._unwrap': ('evaluate.html#_unwrap', 'igdmfast/evaluate.py'),
+                                   'igdmfast.evaluate._validation_batch': ('evaluate.html#_validation_batch', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._write_text': ('evaluate.html#_write_text', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate.accuracy_vs_eps': ('evaluate.html#accuracy_vs_eps', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate.curve_warnings': ('evaluate.html#curve_warnings', 'igdmfast/evaluate.py'),

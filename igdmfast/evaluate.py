@@ -523,7 +523,16 @@ def pointwise_distance(student:nn.Module, # the student
     return dict(mean=float(d.mean()), clean_mean=float(d0.mean()), n=len(d), per_sample=d,
                 delta=delta if isinstance(delta, str) else getattr(delta, '__name__', 'custom'))
 
-# %% ../nbs/08_evaluate.ipynb #fb854465
+# %% ../nbs/08_evaluate.ipynb #b1b255a9
+def _validation_batch(learn, n, seen):
+    "The current validation batch, cut so that at most `n` samples are used per pass (`(None, None)` when done or training)."
+    if learn.training: return None, None
+    x, y = _plain(learn.xb[0]), _plain(learn.yb[0])
+    if n is not None:
+        if n - seen <= 0: return None, None
+        x, y = x[:n - seen], y[:n - seen]
+    return x, y
+
 class RobustAccuracy(Metric):
     "Accuracy (a fraction, like fastai's `accuracy`) under PGD-`n_steps` on the validation batches."
     def __init__(self, threat:ThreatModel|None=None, # radius and step (default: Linf 8/255, step 2/255)
@@ -540,12 +549,8 @@ class RobustAccuracy(Metric):
     def reset(self): self.correct, self.total, self.gen = 0, 0, None
 
     def accumulate(self, learn):
-        if learn.training: return
-        x, y = _plain(learn.xb[0]), _plain(learn.yb[0])
-        if self.n is not None:
-            room = self.n - self.total
-            if room <= 0: return
-            x, y = x[:room], y[:room]
+        x, y = _validation_batch(learn, self.n, self.total)
+        if x is None: return
         model = _unwrap(learn.model)
         if self.gen is None: self.gen = torch.Generator(device=x.device).manual_seed(self.seed)
         with torch.enable_grad(): xa = pgd(model, x, y, self.threat, generator=self.gen)
@@ -570,12 +575,8 @@ class GradCosine(Metric):
     def reset(self): self.sum, self.total = 0., 0
 
     def accumulate(self, learn):
-        if learn.training: return
-        x, y = _plain(learn.xb[0]), _plain(learn.yb[0])
-        if self.n is not None:
-            room = self.n - self.total
-            if room <= 0: return
-            x, y = x[:room], y[:room]
+        x, y = _validation_batch(learn, self.n, self.total)
+        if x is None: return
         self.sum += float(_alignment(_unwrap(learn.model), self.teacher, x, y)[self._stat].sum())
         self.total += len(y)
 
