@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['RUN_MARKERS', 'SAME_ON_RESUME', 'CLIError', 'train', 'teacher', 'evaluate', 'compare', 'main']
 
-# %% ../nbs/10_cli.ipynb #c6a883ee
+# %% ../nbs/10_cli.ipynb #7b6cc4e1
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -29,6 +29,11 @@ def _check_numbers(epochs=1, bs=1, steps=1, lr=1., n_aa=0, alpha=None):
     if not lr > 0: raise CLIError(f"--lr must be positive, got {lr}.")
     if n_aa < 0: raise CLIError(f"--n-aa must be 0 (skip AutoAttack) or positive, got {n_aa}.")
     if alpha is not None and not alpha >= 0: raise CLIError(f"--alpha must be non-negative, got {alpha}.")
+
+def _threat(eps, step=None, steps=10):
+    "The Linf threat model of the CLI's options, given in 1/255 units (step size eps/4 unless given)."
+    from igdmfast.core import ThreatModel
+    return ThreatModel.from_255(eps, eps / 4 if step is None else step, n_steps=steps)
 
 def _versions():
     import igdmfast, fastai, timm
@@ -74,10 +79,10 @@ def _check_model_name(name, flag):
         raise CLIError(f"Unknown model {name!r} for {flag}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
                        "tiny_resnet_cifar, resnet18_cifar, mobilenetv2_cifar, wrn34_10, or any timm model.")
 
-# %% ../nbs/10_cli.ipynb #d92e1a1a
+# %% ../nbs/10_cli.ipynb #5551c12e
 RUN_MARKERS = ('config.json', 'checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'metrics.json', 'compare.json')
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
-                  'igdm', 'alpha', 'epochs', 'bs', 'lr', 'eps', 'steps', 'n_train', 'n_valid', 'seed', 'bf16')
+                  'igdm', 'alpha', 'epochs', 'bs', 'lr', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed', 'bf16')
 
 def _write_json(path, obj):
     "Write `obj` as JSON to `path` through a temporary file and a rename (never half-written)."
@@ -192,7 +197,7 @@ def _check_teacher_arg(teacher):
     if teacher != 'auto' and not Path(teacher).is_file():
         raise FileNotFoundError(f"Teacher checkpoint {teacher!r} not found: give a file path (e.g. runs/teacher/teacher.pt) or 'auto'.")
 
-# %% ../nbs/10_cli.ipynb #d923eddd
+# %% ../nbs/10_cli.ipynb #8e80cf8e
 def train(data:str='digits', # dataset name, .npz path or image folder
           teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
           teacher_arch:str='small_cnn', # architecture of the teacher trained by 'auto'
@@ -204,7 +209,8 @@ def train(data:str='digits', # dataset name, .npz path or image folder
           bs:int=128, # batch size
           lr:float=3e-3, # maximum learning rate of the one-cycle schedule
           eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
-          steps:int=10, # PGD steps of the training perturbation (step size 2/255, or eps if smaller)
+          step:float|None=None, # attack step size in 1/255 units (default eps/4: 2/255 at 8/255)
+          steps:int=10, # PGD steps of the training perturbation (of size `step`)
           n_train:int|None=None, # use a seeded class-stratified subset of this many training images
           n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
           n_aa:int=100, # AutoAttack (standard) on a seeded subset of this many validation images (0: skip)
@@ -225,13 +231,13 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     _check_teacher_arg(teacher)
     _check_model_name(student, '--student')
     if teacher == 'auto': _check_model_name(teacher_arch, '--teacher-arch')
-    threat = ThreatModel.from_255(eps, min(2, eps), n_steps=steps)
+    threat = _threat(eps, step, steps)
     dev = _device(device)
     seed_everything(seed)
     dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     t_model = _teacher_arg(teacher, dev) if teacher != 'auto' else None
     cfg = dict(command='train', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, method=method,
-               igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, steps=steps, n_train=n_train, n_valid=n_valid,
+               igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid,
                n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force)
     teacher_s = 0.
@@ -253,7 +259,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
     return metrics
 
-# %% ../nbs/10_cli.ipynb #a55c68b7
+# %% ../nbs/10_cli.ipynb #28d211f0
 def teacher(data:str='digits', # dataset name, .npz path or image folder
             arch:str='small_cnn', # the teacher's architecture: any registered or timm model name
             method:str='pgd_at', # 'pgd_at' or 'trades'
@@ -261,7 +267,8 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
             bs:int=128, # batch size
             lr:float=3e-3, # maximum learning rate of the one-cycle schedule
             eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
-            steps:int=10, # PGD steps of the training perturbation (step size 2/255, or eps if smaller)
+            step:float|None=None, # attack step size in 1/255 units (default eps/4: 2/255 at 8/255)
+            steps:int=10, # PGD steps of the training perturbation (of size `step`)
             n_train:int|None=None, # use a seeded class-stratified subset of this many training images
             n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
             n_aa:int=100, # AutoAttack (standard) on a seeded subset of this many validation images (0: skip)
@@ -281,12 +288,12 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
     if get_method(method).uses_teacher:
         raise CLIError(f"igdmfast teacher trains with pgd_at or trades, not {method!r} (a method that needs a teacher).")
     _check_model_name(arch, '--arch')
-    threat = ThreatModel.from_255(eps, min(2, eps), n_steps=steps)
+    threat = _threat(eps, step, steps)
     dev = _device(device)
     seed_everything(seed)
     dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     cfg = dict(command='teacher', data=data, arch=arch, teacher_method=method, epochs=epochs, bs=bs, lr=lr, eps=eps,
-               steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
+               step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force)
     model, secs = _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16)
     name = f'teacher ({arch}, {method})'
@@ -300,12 +307,13 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
     print(f"Teacher: {out/'teacher.pt'}  (use it with: igdmfast train --teacher {out/'teacher.pt'})")
     return json.loads((out/'metrics.json').read_text())
 
-# %% ../nbs/10_cli.ipynb #348e1ef3
+# %% ../nbs/10_cli.ipynb #2d31856c
 def evaluate(model:str, # checkpoint of the model to evaluate
              data:str='digits', # dataset name, .npz path or image folder
              attacks:str='clean,fgsm,pgd20,cw,aa', # comma-separated attack names
              n:int|None=None, # evaluate on a fixed seeded subset of this many validation images
              eps:float=8, # Linf radius in 1/255 units
+             step:float|None=None, # attack step size in 1/255 units (default eps/4)
              teacher:str|None=None, # a teacher checkpoint: adds GD and GC against it
              arch:str|None=None, # architecture, for plain state dicts without one
              curve:bool=False, # also measure and plot PGD-20 accuracy against eps (0 to 16/255)
@@ -321,7 +329,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     from igdmfast.evaluate import robust_eval, grad_alignment, save_report, accuracy_vs_eps, plot_acc_vs_eps
     for f in [model] + ([teacher] if teacher else []):
         if not Path(f).is_file(): raise FileNotFoundError(f"Checkpoint {f!r} not found.")
-    threat = ThreatModel.from_255(eps, min(2, eps))
+    threat = _threat(eps, step)
     names = [a.strip() for a in attacks.split(',') if a.strip()]
     if not names: raise CLIError("--attacks is empty: give e.g. clean,fgsm,pgd20,cw,aa.")
     seed_everything(seed)
@@ -344,7 +352,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     print(f"Report: {out/'report.md'}")
     return dict(res)
 
-# %% ../nbs/10_cli.ipynb #b77de75f
+# %% ../nbs/10_cli.ipynb #d93c3c79
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -398,7 +406,8 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
             bs:int=128, # batch size
             lr:float=3e-3, # maximum learning rate of the one-cycle schedule
             eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
-            steps:int=10, # PGD steps of the training perturbation (step size 2/255, or eps if smaller)
+            step:float|None=None, # attack step size in 1/255 units (default eps/4: 2/255 at 8/255)
+            steps:int=10, # PGD steps of the training perturbation (of size `step`)
             n_train:int|None=None, # use a seeded class-stratified subset of this many training images
             n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
             n_aa:int=100, # AutoAttack (standard) on a seeded subset of this many validation images (0: skip)
@@ -423,14 +432,14 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     _check_teacher_arg(teacher)
     _check_model_name(student, '--student')
     if teacher == 'auto': _check_model_name(teacher_arch, '--teacher-arch')
-    threat = ThreatModel.from_255(eps, min(2, eps), n_steps=steps)
+    threat = _threat(eps, step, steps)
     dev = _device(device)
     make_dls = lambda: get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     seed_everything(seed)
     dls = make_dls()
     t_model = _teacher_arg(teacher, dev) if teacher != 'auto' else None
     cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, methods=names,
-               alpha=alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
+               alpha=alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
                n_curve=n_curve, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force)
     teacher_s = 0.
@@ -498,7 +507,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, acc_vs_eps.png, grad_cosines.png, one folder per variant)")
     return result
 
-# %% ../nbs/10_cli.ipynb #26aa6d2c
+# %% ../nbs/10_cli.ipynb #ce852096
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
@@ -506,7 +515,8 @@ def _common(p, out, epochs=True):
     p.add_argument('--bs', type=int, default=128, help='batch size')
     p.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of the one-cycle schedule')
     p.add_argument('--eps', type=float, default=8, help='Linf attack radius in 1/255 units (8 means 8/255), for training and evaluation')
-    p.add_argument('--steps', type=int, default=10, help='PGD steps of the training perturbation (step size 2/255)')
+    p.add_argument('--step', type=float, default=None, help='attack step size in 1/255 units (default: eps/4, i.e. 2 at --eps 8)')
+    p.add_argument('--steps', type=int, default=10, help='PGD steps of the training perturbation')
     p.add_argument('--n-train', dest='n_train', type=int, default=None, help='train on a seeded, class-stratified subset of this many images')
     p.add_argument('--n-valid', dest='n_valid', type=int, default=None, help='evaluate on a seeded, class-stratified subset of this many images')
     p.add_argument('--n-aa', dest='n_aa', type=int, default=100, help='AutoAttack (standard) on a seeded subset of this many validation images; 0 skips it')
@@ -546,6 +556,7 @@ def _parser():
     e.add_argument('--attacks', default='clean,fgsm,pgd20,cw,aa', help='comma-separated: clean, fgsm, pgdK, cw, aa')
     e.add_argument('--n', type=int, default=None, help='evaluate on a fixed seeded subset of this many images')
     e.add_argument('--eps', type=float, default=8, help='Linf radius in 1/255 units (8 means 8/255)')
+    e.add_argument('--step', type=float, default=None, help='attack step size in 1/255 units (default: eps/4)')
     e.add_argument('--teacher', default=None, help='teacher checkpoint: adds GD and GC against it')
     e.add_argument('--arch', default=None, help='architecture, for plain state dicts that do not record one')
     e.add_argument('--curve', action='store_true', help='also plot PGD-20 accuracy against eps from 0 to 16/255')

@@ -1,114 +1,217 @@
-"The `igdmfast` command as a user runs it: a subprocess, offline, on the embedded data."
-import json, os, subprocess, sys
+"The `igdmfast` command as a user runs it: subprocesses, offline, on the embedded data."
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
 EXE = [sys.executable, '-m', 'igdmfast.cli']
+# Small settings shared by the quick runs: digits, 512 training and 100 validation images, 2 PGD steps.
+FAST = ('--bs', '64', '--steps', '2', '--n-train', '512', '--n-valid', '100', '--n-aa', '0')
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, timeout=900):
     env = dict(os.environ, MPLBACKEND='Agg')
-    return subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def state(path):
+    import torch
+    return torch.load(path, weights_only=True)['state_dict']
+
+
+def same_weights(a, b, params_only=False):
+    keys = [k for k in a if not params_only or not any(s in k for s in ('running_', 'num_batches_tracked'))]
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in keys)
+
+
+@pytest.fixture(scope='module')
+def teacher_pt(tmp_path_factory):
+    "A robust teacher from `igdmfast teacher`, shared by the tests of this file."
+    out = tmp_path_factory.mktemp('teacher') / 'run'
+    r = run('teacher', *FAST, '--epochs', '3', '--out', str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / 'teacher.pt'
+
+
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory, teacher_pt):
+    "A finished small `igdmfast train` run from a given teacher."
+    out = tmp_path_factory.mktemp('small') / 'run'
+    args = ('train', *FAST, '--epochs', '2', '--method', 'ard', '--teacher', str(teacher_pt), '--seed', '1', '--out', str(out))
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, args
 
 
 def test_help_lists_options_with_defaults():
     r = run('train', '--help')
     assert r.returncode == 0
     for opt in ('--data', '--teacher', '--student', '--method', '--igdm', '--no-igdm', '--alpha', '--epochs', '--bs',
-                '--lr', '--eps', '--steps', '--n-train', '--n-valid', '--seed', '--out', '--resume', '--device'):
+                '--lr', '--eps', '--step', '--steps', '--n-train', '--n-valid', '--seed', '--out', '--resume', '--force',
+                '--device', '--bf16', '--debug'):
         assert opt in r.stdout
     assert '1/255' in r.stdout and 'default: digits' in r.stdout
+    for cmd, opts in (('teacher', ('--arch', '--method', '--resume')), ('compare', ('--methods', '--n-curve', '--teacher')),
+                      ('eval', ('--attacks', '--curve', '--teacher'))):
+        r = run(cmd, '--help')
+        assert r.returncode == 0 and all(o in r.stdout for o in opts), r.stdout
 
 
 def test_console_script_is_installed():
     exe = Path(sys.executable).parent / 'igdmfast'
     assert exe.exists(), 'pip install -e . should install the igdmfast console script'
     r = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
-    assert r.returncode == 0 and 'train' in r.stdout
+    assert r.returncode == 0 and all(c in r.stdout for c in ('train', 'teacher', 'compare', 'eval'))
 
 
-def test_train_end_to_end(tmp_path):
-    r = run('train', '--epochs', '4', '--bs', '64', '--method', 'ard', '--steps', '3', '--n-train', '640', '--n-valid', '200', '--n-aa', '8',
-            '--out', str(tmp_path / 'run'), '--seed', '1')
-    assert r.returncode == 0, r.stderr
+def natural_pgd20(student, seed=0, epochs=10):
+    "PGD-20 accuracy of `student` trained naturally (no attack) on the default data with the CLI's defaults."
+    import timm, torch
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from torch.nn import CrossEntropyLoss
+    import igdmfast.models  # noqa: F401
+    from igdmfast.core import seed_everything
+    from igdmfast.data import get_dls
+    from igdmfast.evaluate import robust_eval
+    torch.set_num_threads(2)
+    seed_everything(seed)
+    dls = get_dls('digits', bs=128, seed=seed)
+    model = timm.create_model(student, num_classes=dls.c, in_chans=dls.in_chans)
+    learn = Learner(dls, model, loss_func=CrossEntropyLoss(), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3)
+    return robust_eval(learn.model, dls.valid, attacks=('clean', 'pgd20'), seed=seed, progress=False, warn=False)
+
+
+def test_main_job_as_in_the_readme(tmp_path):
+    "`igdmfast train` with no option, as the README's first command runs it: every file of the run folder, a robust student."
+    r = subprocess.run([str(Path(sys.executable).parent / 'igdmfast'), 'train'], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, MPLBACKEND='Agg'), timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert '| model | Clean | FGSM | PGD-20 | C&W∞ | AA | GD | GC |' in r.stdout
-    run_dir = tmp_path / 'run'
-    for f in ('teacher.pt', 'student.pt', 'checkpoint.pt', 'history.csv', 'teacher_history.csv', 'config.json',
-              'metrics.json', 'report.md', 'grad_cosines.png', 'training_curves.png'):
-        assert (run_dir / f).exists(), f
-    cfg = json.loads((run_dir / 'config.json').read_text())
-    assert cfg['seed'] == 1 and cfg['method'] == 'ard' and cfg['igdm'] and set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai'}
-    report = (run_dir / 'report.md').read_text()
-    assert '| Clean | FGSM | PGD-20 | C&W∞ | AA | GD | GC |' in report.replace('Model | ', '')
-    models = json.loads((run_dir / 'metrics.json').read_text())['models']
+    out = tmp_path / 'runs' / 'train'
+    for f in ('teacher.pt', 'student.pt', 'checkpoint.pt', 'teacher_checkpoint.pt', 'history.csv', 'teacher_history.csv',
+              'config.json', 'metrics.json', 'report.md', 'grad_cosines.png', 'training_curves.png'):
+        assert (out / f).exists(), f
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['command'] == 'train' and cfg['seed'] == 0 and cfg['method'] == 'adaad' and cfg['igdm']
+    assert set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai'}
+    assert 'igdm_loss' in (out / 'history.csv').read_text().splitlines()[0]
+    assert len((out / 'history.csv').read_text().splitlines()) == 1 + cfg['epochs']
+    models = json.loads((out / 'metrics.json').read_text())['models']
     for name, m in models.items():
-        r = m['numbers']
-        assert r['pgd20'] <= r['clean'] and r['cw'] <= r['clean'], (name, r)
-        assert r['clean'] > 30, (name, r)   # 4 short epochs on digits: far above the 10% of chance
-        assert 0 <= r['aa'] <= 100
+        n = m['numbers']
+        assert n['pgd20'] <= n['clean'] and n['cw'] <= n['clean'] and 0 <= n['aa'] <= 100, (name, n)
     student = [m['numbers'] for name, m in models.items() if name.startswith('student')][0]
     assert -1 <= student['gc'] <= 1 and student['gd'] >= 0
-    assert 'igdm_loss' in (run_dir / 'history.csv').read_text().splitlines()[0]
+    natural = natural_pgd20(cfg['student'], epochs=cfg['epochs'])
+    assert natural['clean'] > 50, natural   # the natural student did learn the task ...
+    assert student['pgd20'] >= natural['pgd20'] + 15, (student, dict(natural))   # ... but only the distilled one is robust
     from igdmfast.models import load_teacher
     for f in ('teacher.pt', 'student.pt'):   # both load safely and rebuild themselves
-        model = load_teacher(run_dir / f)
-        assert not any(p.requires_grad for p in model.parameters())
+        assert not any(p.requires_grad for p in load_teacher(out / f).parameters())
 
 
-def test_seeded_runs_repeat(tmp_path):
-    fast = ('--epochs', '1', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100', '--n-aa', '0')
-    a = run('train', *fast, '--out', str(tmp_path / 'a'))
-    b = run('train', *fast, '--out', str(tmp_path / 'b'))
-    assert a.returncode == b.returncode == 0
-    ma = json.loads((tmp_path / 'a' / 'metrics.json').read_text())
+def test_teacher_command(teacher_pt):
+    "`igdmfast teacher` writes a teacher that `load_teacher` (and `--teacher`) accept, with its report."
+    from igdmfast.models import load_teacher
+    out = teacher_pt.parent
+    for f in ('teacher.pt', 'teacher_checkpoint.pt', 'teacher_history.csv', 'config.json', 'metrics.json', 'report.md',
+              'training_curves.png'):
+        assert (out / f).exists(), f
+    model = load_teacher(teacher_pt)
+    assert model.pretrained_cfg['architecture'] == 'small_cnn'
+    assert json.loads((out / 'config.json').read_text())['teacher_method'] == 'pgd_at'
+    n = json.loads((out / 'metrics.json').read_text())['models']['teacher (small_cnn, pgd_at)']['numbers']
+    assert n['clean'] > 30 and n['pgd20'] <= n['clean'], n
+
+
+def test_compare_writes_both_rows_and_plots(tmp_path, teacher_pt):
+    "Two methods with and without IGDM: the paper's layout, compare.json, side-by-side plots, resumable."
+    args = ('compare', *FAST, '--epochs', '2', '--methods', 'ard,rslad', '--teacher', str(teacher_pt), '--n-curve', '40',
+            '--out', str(tmp_path / 'c'))
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / 'c'
+    md = (out / 'compare.md').read_text()
+    lines = [l.split('|')[1].strip() for l in md.splitlines() if l.startswith('| ') and not l.startswith('| Method')]
+    assert lines[:5] == ['Teacher (teacher.pt)', 'ARD', '+IGDM', 'RSLAD', '+IGDM'], lines
+    assert lines[5:] == ['ARD', 'RSLAD']   # the table of differences
+    res = json.loads((out / 'compare.json').read_text())
+    assert [(r['method'], r['igdm']) for r in res['rows']] == [('ard', False), ('ard', True), ('rslad', False), ('rslad', True)]
+    for row in res['rows']:
+        assert all(row[k] is not None for k in ('clean', 'fgsm', 'pgd20', 'cw', 'gd', 'gc', 'seconds_per_epoch')), row
+        assert row['alpha'] > 0
+    from PIL import Image
+    for f in ('acc_vs_eps.png', 'grad_cosines.png'):
+        w, h = Image.open(out / f).size
+        assert w > 1.8 * h, (f, w, h)   # two panels side by side
+    for v in ('ard', 'ard_igdm', 'rslad', 'rslad_igdm'):
+        assert (out / v / 'student.pt').exists() and (out / v / 'history.csv').exists()
+    h0 = (out / 'ard' / 'history.csv').read_text().splitlines()
+    h1 = (out / 'ard_igdm' / 'history.csv').read_text().splitlines()
+    assert len(h0) == len(h1) == 3
+    again = run(*args, '--resume')   # a finished comparison resumes without training anything
+    assert again.returncode == 0 and again.stdout.count('finished earlier') == 4, again.stdout[-2000:]
+
+
+def test_compare_alpha_zero_is_the_base_method(tmp_path, teacher_pt):
+    "With alpha 0 the +IGDM variant must train exactly the base method: same seed, same start, same batches, same weights."
+    r = run('compare', *FAST, '--epochs', '1', '--methods', 'ard', '--alpha', '0', '--n-curve', '0', '--teacher',
+            str(teacher_pt), '--out', str(tmp_path / 'c'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = state(tmp_path / 'c' / 'ard' / 'student.pt'), state(tmp_path / 'c' / 'ard_igdm' / 'student.pt')
+    assert same_weights(a, b, params_only=True)   # BN running statistics also saw x−δ, so only the parameters are equal
+
+
+def test_seeded_runs_repeat(tmp_path, small_run):
+    "The same command and seed give bit-identical weights and the same numbers."
+    out, args = small_run
+    b = run(*[a if a != str(out) else str(tmp_path / 'b') for a in args])
+    assert b.returncode == 0, b.stderr[-2000:]
+    ma = json.loads((out / 'metrics.json').read_text())
     mb = json.loads((tmp_path / 'b' / 'metrics.json').read_text())
-    assert ma['models'] == mb['models'] and ma['alignment'] == mb['alignment']   # every accuracy, GD and GC
-    import torch
-    sa = torch.load(tmp_path / 'a' / 'student.pt', weights_only=True)['state_dict']
-    sb = torch.load(tmp_path / 'b' / 'student.pt', weights_only=True)['state_dict']
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)   # the same seed gives bit-identical weights
+    assert ma['models'] == mb['models'] and ma['alignment'] == mb['alignment']
+    assert same_weights(state(out / 'student.pt'), state(tmp_path / 'b' / 'student.pt'))
 
 
-@pytest.mark.parametrize('args, message', [
-    (('--eps', '0'), 'eps must be positive'),
-    (('--eps', '300'), 'larger than 1'),
-    (('--data', 'no_such_dataset'), 'no_such_dataset'),
-    (('--data', 'missing_file.npz'), 'missing_file.npz'),
-    (('--student', 'no_such_model'), 'no_such_model'),
-    (('--method', 'mart'), 'Known methods'),
-    (('--teacher', 'missing_teacher.pt'), 'missing_teacher.pt'),
-    (('--alpha', '-1'), 'non-negative'),
-    (('--epochs', '0'), 'epochs'),
-    (('--device', 'cuda:7'), 'device'),
-])
-def test_bad_input_is_one_clear_line(tmp_path, args, message):
-    r = run('train', '--out', str(tmp_path / 'x'), *args)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert 'Traceback' not in r.stderr
-    assert message in r.stderr, r.stderr[-2000:]
+def test_output_folder_of_another_run(tmp_path, small_run):
+    "A folder that holds a run is refused, --resume with other settings is refused, --force starts over."
+    out, args = small_run
+    r = run(*args)
+    assert r.returncode == 2 and 'holds another run' in r.stderr and '--resume' in r.stderr and 'Traceback' not in r.stderr
+    other = [a if a != '1' else '2' for a in args]   # --seed 2
+    r = run(*other, '--resume')
+    assert r.returncode == 2 and 'seed: 1 there, 2 now' in r.stderr, r.stderr[-2000:]
+    first = state(out / 'student.pt')
+    r = run(*args, '--resume')   # the finished run continues: nothing left to train, the same student
+    assert r.returncode == 0 and 'Resuming' in r.stdout, r.stderr[-2000:]
+    assert same_weights(first, state(out / 'student.pt'))
 
 
-def test_resume_of_a_finished_run_changes_nothing(tmp_path):
-    "A run continued with --resume after it finished reloads its checkpoints and gives the same student."
-    import torch
-    fast = ('--epochs', '2', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100',
-            '--n-aa', '0', '--out', str(tmp_path / 'r'))
-    assert run('train', *fast).returncode == 0
-    first = torch.load(tmp_path / 'r' / 'student.pt', weights_only=True)['state_dict']
-    r = run('train', *fast, '--resume')
-    assert r.returncode == 0, r.stderr
-    assert 'Resuming' in r.stdout
-    again = torch.load(tmp_path / 'r' / 'student.pt', weights_only=True)['state_dict']
-    assert all(torch.equal(first[k], again[k]) for k in first)
+def test_sigkill_mid_epoch_then_resume_gives_the_same_student(tmp_path, teacher_pt):
+    "A run killed (SIGKILL) in the middle of an epoch and resumed ends with the weights of a run never killed."
+    args = ('train', *FAST, '--epochs', '3', '--method', 'ard', '--teacher', str(teacher_pt))
+    ref = run(*args, '--out', str(tmp_path / 'ref'))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / 'killed'
+    p = subprocess.Popen([*EXE, *args, '--out', str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, MPLBACKEND='Agg'))
+    deadline = time.time() + 600
+    while not (out / 'checkpoint.pt').exists() and time.time() < deadline and p.poll() is None: time.sleep(0.05)
+    time.sleep(0.5)   # into the second epoch
+    assert p.poll() is None, 'the run ended before it could be killed'
+    p.send_signal(signal.SIGKILL); p.wait()
+    r = run(*args, '--out', str(out), '--resume')
+    assert r.returncode == 0 and 'Resuming' in r.stdout, r.stderr[-2000:]
+    assert same_weights(state(tmp_path / 'ref' / 'student.pt'), state(out / 'student.pt'))
+    assert len((out / 'history.csv').read_text().splitlines()) == 4   # one row per epoch, none repeated
 
 
-def test_eval_command(tmp_path):
+def test_eval_command(tmp_path, small_run, teacher_pt):
     "igdmfast eval on a run folder's student: the paper's table, GD/GC against the teacher, the eps curve."
-    fast = ('--epochs', '2', '--bs', '64', '--method', 'ard', '--steps', '2', '--n-train', '256', '--n-valid', '100',
-            '--n-aa', '0', '--out', str(tmp_path / 'r'))
-    assert run('train', *fast).returncode == 0
-    r = run('eval', str(tmp_path / 'r' / 'student.pt'), '--attacks', 'clean,fgsm,pgd20,cw', '--n', '64',
-            '--teacher', str(tmp_path / 'r' / 'teacher.pt'), '--curve', '--out', str(tmp_path / 'e'))
+    out, _ = small_run
+    r = run('eval', str(out / 'student.pt'), '--attacks', 'clean,fgsm,pgd20,cw', '--n', '64',
+            '--teacher', str(teacher_pt), '--curve', '--out', str(tmp_path / 'e'))
     assert r.returncode == 0, r.stderr
     assert '| model | Clean | FGSM | PGD-20 | C&W∞ | AA | GD | GC |' in r.stdout
     for f in ('metrics.json', 'report.md', 'acc_vs_eps.png'): assert (tmp_path / 'e' / f).exists(), f
@@ -116,3 +219,27 @@ def test_eval_command(tmp_path):
     assert m['pgd20'] <= m['clean'] and -1 <= m['gc'] <= 1 and m['gd'] >= 0, m
     bad = run('eval', str(tmp_path / 'nope.pt'))
     assert bad.returncode == 2 and 'nope.pt' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+@pytest.mark.parametrize('cmd, args, message', [
+    ('train', ('--eps', '0'), 'eps must be positive'),
+    ('train', ('--eps', '300'), 'larger than 1'),
+    ('train', ('--data', 'no_such_dataset'), 'no_such_dataset'),
+    ('train', ('--data', 'missing_file.npz'), 'missing_file.npz'),
+    ('train', ('--student', 'no_such_model'), 'no_such_model'),
+    ('train', ('--method', 'mart'), 'Known methods'),
+    ('train', ('--teacher', 'missing_teacher.pt'), 'missing_teacher.pt'),
+    ('train', ('--alpha', '-1'), 'non-negative'),
+    ('train', ('--epochs', '0'), 'epochs'),
+    ('train', ('--device', 'cuda:7'), 'device'),
+    ('teacher', ('--method', 'ard'), 'pgd_at or trades'),
+    ('teacher', ('--arch', 'no_such_model'), 'no_such_model'),
+    ('compare', ('--methods', 'ard,mart'), 'Known methods'),
+    ('compare', ('--methods', ','), '--methods is empty'),
+])
+def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(tmp_path, cmd, args, message):
+    r = run(cmd, '--out', str(tmp_path / 'x'), *args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr
+    assert message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / 'x').exists()   # nothing that a later --resume would trip on
