@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['RUN_MARKERS', 'SAME_ON_RESUME', 'CLIError', 'train', 'teacher', 'evaluate', 'compare', 'main']
 
-# %% ../nbs/10_cli.ipynb #7b6cc4e1
+# %% ../nbs/10_cli.ipynb #1874f4fc
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -26,7 +26,7 @@ def _check_numbers(epochs=1, bs=1, steps=1, lr=1., n_aa=0, alpha=None):
     "Refuse counts and rates that cannot work, before anything is trained or written."
     for name, v in (('--epochs', epochs), ('--bs', bs), ('--steps', steps)):
         if v < 1: raise CLIError(f"{name} must be at least 1, got {v}.")
-    if not lr > 0: raise CLIError(f"--lr must be positive, got {lr}.")
+    if lr is not None and not lr > 0: raise CLIError(f"--lr must be positive, got {lr}.")
     if n_aa < 0: raise CLIError(f"--n-aa must be 0 (skip AutoAttack) or positive, got {n_aa}.")
     if alpha is not None and not alpha >= 0: raise CLIError(f"--alpha must be non-negative, got {alpha}.")
 
@@ -79,10 +79,10 @@ def _check_model_name(name, flag):
         raise CLIError(f"Unknown model {name!r} for {flag}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
                        "tiny_resnet_cifar, resnet18_cifar, mobilenetv2_cifar, wrn34_10, or any timm model.")
 
-# %% ../nbs/10_cli.ipynb #5551c12e
+# %% ../nbs/10_cli.ipynb #c5c1e9fa
 RUN_MARKERS = ('config.json', 'checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'metrics.json', 'compare.json')
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
-                  'igdm', 'alpha', 'epochs', 'bs', 'lr', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed', 'bf16')
+                  'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed', 'bf16')
 
 def _write_json(path, obj):
     "Write `obj` as JSON to `path` through a temporary file and a rename (never half-written)."
@@ -113,7 +113,7 @@ def _claim_run_folder(out, cfg, resume=False, force=False):
         except (OSError, ValueError):
             raise CLIError(f"--resume: {out} has no readable config.json, so it is not a run this version can continue: "
                            "pass --force to start over there, or choose another --out.") from None
-        diff = [f"{k}: {old.get(k)!r} there, {cfg.get(k)!r} now" for k in SAME_ON_RESUME if k in cfg and old.get(k) != cfg[k]]
+        diff = [f"{k}: {old.get(k)!r} there, {cfg.get(k)!r} now" for k in SAME_ON_RESUME if k in cfg and k in old and old[k] != cfg[k]]
         if diff: raise CLIError(f"--resume: {out} holds a run with other settings ({'; '.join(diff)}): repeat its options, "
                                 "or pass --force to start over.")
     elif held: raise CLIError(f"{out} holds another run ({held[0]}): pass --resume to continue it, --force to overwrite it, "
@@ -131,7 +131,7 @@ def _trim_history(path, start):
     keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) < start]
     path.write_text(''.join(keep))
 
-# %% ../nbs/10_cli.ipynb #6416693b
+# %% ../nbs/10_cli.ipynb #69a7e3e5
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
     if not resume or not Path(path).is_file(): return 0
@@ -139,20 +139,42 @@ def _resume_point(learn, path, resume):
     print(f"Resuming from {path} at epoch {start}.")
     return start
 
-def _fit(learn, epochs, ckpt, resume):
-    "fit_one_cycle for `epochs`, continuing from the checkpoint `ckpt` when resuming; returns (first epoch, seconds of training)."
+def _schedule(protocol='fastai', milestones=None, epochs=10):
+    "The training schedule of the CLI's options: fastai's one cycle, or the paper's SGD with step decay at `milestones` (epochs)."
+    from igdmfast.learner import PROTOCOLS
+    if protocol not in PROTOCOLS: raise CLIError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
+    ms = None
+    if milestones:
+        if protocol != 'paper': raise CLIError("--milestones sets the step decay of --protocol paper: add --protocol paper.")
+        try: ms = [int(m) for m in str(milestones).split(',') if m.strip()]
+        except ValueError: raise CLIError(f"--milestones takes comma-separated epoch numbers such as 100,150, got {milestones!r}.") from None
+        if not all(0 < m < epochs for m in ms):
+            raise CLIError(f"--milestones must lie between 0 and --epochs ({epochs}), got {milestones!r}.")
+    return dict(protocol=protocol, milestones=ms, lr=PROTOCOLS[protocol]['lr'])
+
+def _fit(learn, epochs, ckpt, resume, sched=None):
+    "Train for `epochs` with the schedule `sched`, continuing from the checkpoint `ckpt` when resuming; returns (first epoch, seconds)."
+    from igdmfast.learner import StepLR
+    sched = sched or dict(protocol='fastai', milestones=None)
+    if sched['milestones']:
+        for cb in learn.cbs:   # the paper's decay epochs, as fractions StepLR rounds back to exactly these epochs
+            if isinstance(cb, StepLR): cb.milestones = [(m + 0.5) / epochs for m in sched['milestones']]
     start = _resume_point(learn, ckpt, resume)
     csv = getattr(learn, 'csv_logger', None)
     if start and csv is not None: _trim_history(Path(learn.path)/csv.fname, start); csv.append = True
     t = time.time()
-    learn.fit_one_cycle(epochs, start_epoch=start)
+    if sched['protocol'] == 'paper': learn.fit(epochs, start_epoch=start)
+    else: learn.fit_one_cycle(epochs, start_epoch=start)
     return start, time.time() - t
 
-def _learner_opts(bf16):
-    "Keyword arguments of the learners for the CLI's precision flag."
-    return dict(bf16=True) if bf16 else {}
+def _learner_opts(bf16, lr=None, sched=None):
+    "Keyword arguments of the learners for the CLI's schedule, learning rate and precision options."
+    kw = dict(protocol=(sched or {}).get('protocol', 'fastai'))
+    if lr is not None: kw['lr'] = lr
+    if bf16: kw['bf16'] = True
+    return kw
 
-def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16=False):
+def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16=False, sched=None):
     "Train a robust teacher with `adv_learner` (PGD-AT or TRADES) into `out/teacher.pt`; returns (model, seconds)."
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import seed_everything
@@ -165,14 +187,14 @@ def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf1
         return load_teacher(out/'teacher.pt').to(dls.device), 0.
     print(f"Training a robust teacher ({arch}, {method}, {epochs} epochs)...")
     seed_everything(seed)
-    learn = adv_learner(_model_arg(arch, dls), dls, method=method, threat=threat, lr=lr, path=out,
-                        cbs=[CSVLogger(fname='teacher_history.csv'), Checkpoint('teacher_checkpoint.pt')], **_learner_opts(bf16))
-    _, secs = _fit(learn, epochs, out/'teacher_checkpoint.pt', resume)
+    learn = adv_learner(_model_arg(arch, dls), dls, method=method, threat=threat, path=out,
+                        cbs=[CSVLogger(fname='teacher_history.csv'), Checkpoint('teacher_checkpoint.pt')], **_learner_opts(bf16, lr, sched))
+    _, secs = _fit(learn, epochs, out/'teacher_checkpoint.pt', resume, sched)
     model = learn.model.eval().requires_grad_(False)
     save_weights(model, out/'teacher.pt', arch=arch, method=method, epochs=epochs, seed=seed)
     return model, secs
 
-def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16=False):
+def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16=False, sched=None):
     "Distill `t_model` into a fresh seeded `student` in folder `out` (checkpoint.pt, history.csv, student.pt); returns (learner, seconds)."
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import seed_everything
@@ -181,9 +203,9 @@ def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out
     seed_everything(seed)   # the same initial student and data order for every variant of a comparison
     s_model = _model_arg(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
-    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, lr=lr, path=out,
-                            cbs=[CSVLogger(fname='history.csv'), Checkpoint('checkpoint.pt')], **_learner_opts(bf16))
-    start, secs = _fit(learn, epochs, Path(out)/'checkpoint.pt', resume)
+    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out,
+                            cbs=[CSVLogger(fname='history.csv'), Checkpoint('checkpoint.pt')], **_learner_opts(bf16, lr, sched))
+    start, secs = _fit(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
     learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed)
     learn.seconds_per_epoch = secs / (epochs - start) if epochs > start else None
     return learn, secs
@@ -197,7 +219,7 @@ def _check_teacher_arg(teacher):
     if teacher != 'auto' and not Path(teacher).is_file():
         raise FileNotFoundError(f"Teacher checkpoint {teacher!r} not found: give a file path (e.g. runs/teacher/teacher.pt) or 'auto'.")
 
-# %% ../nbs/10_cli.ipynb #8e80cf8e
+# %% ../nbs/10_cli.ipynb #650488ae
 def train(data:str='digits', # dataset name, .npz path or image folder
           teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
           teacher_arch:str='small_cnn', # architecture of the teacher trained by 'auto'
@@ -207,7 +229,9 @@ def train(data:str='digits', # dataset name, .npz path or image folder
           alpha:float|None=None, # IGDM's alpha (default: the paper's table)
           epochs:int=10, # epochs of the student (and of the teacher trained by 'auto')
           bs:int=128, # batch size
-          lr:float=3e-3, # maximum learning rate of the one-cycle schedule
+          lr:float|None=None, # learning rate (default: the protocol's, 3e-3 for 'fastai', 0.1 for 'paper')
+          protocol:str='fastai', # 'fastai' (Adam, one cycle) or 'paper' (SGD 0.9, wd 5e-4, step decay)
+          milestones:str|None=None, # with protocol 'paper': comma-separated epochs of the x0.1 decays (default: 50% and 75%)
           eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
           step:float|None=None, # attack step size in 1/255 units (default eps/4: 2/255 at 8/255)
           steps:int=10, # PGD steps of the training perturbation (of size `step`)
@@ -227,6 +251,7 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     from igdmfast.methods import get_method
     from igdmfast.evaluate import grad_alignment, save_report, plot_grad_cosines, plot_training_curves
     _check_numbers(epochs, bs, steps, lr, n_aa, alpha)
+    sched = _schedule(protocol, milestones, epochs)
     get_method(method)   # fail fast, before any training
     _check_teacher_arg(teacher)
     _check_model_name(student, '--student')
@@ -237,12 +262,12 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     t_model = _teacher_arg(teacher, dev) if teacher != 'auto' else None
     cfg = dict(command='train', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, method=method,
-               igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid,
+               igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid,
                n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force)
     teacher_s = 0.
-    if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16)
-    learn, student_s = _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16)
+    if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16, sched)
+    learn, student_s = _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16, sched)
     t_name = f'teacher ({teacher_arch if teacher == "auto" else Path(teacher).name})'
     s_name = f"student ({student}, {method}{'+IGDM' if igdm else ''})"
     results = _evaluate_models({t_name: t_model, s_name: learn.model}, dls, threat, n_aa, seed)
@@ -259,13 +284,15 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
     return metrics
 
-# %% ../nbs/10_cli.ipynb #28d211f0
+# %% ../nbs/10_cli.ipynb #3e8311b9
 def teacher(data:str='digits', # dataset name, .npz path or image folder
             arch:str='small_cnn', # the teacher's architecture: any registered or timm model name
             method:str='pgd_at', # 'pgd_at' or 'trades'
             epochs:int=10, # training epochs
             bs:int=128, # batch size
-            lr:float=3e-3, # maximum learning rate of the one-cycle schedule
+            lr:float|None=None, # learning rate (default: the protocol's, 3e-3 for 'fastai', 0.1 for 'paper')
+          protocol:str='fastai', # 'fastai' (Adam, one cycle) or 'paper' (SGD 0.9, wd 5e-4, step decay)
+          milestones:str|None=None, # with protocol 'paper': comma-separated epochs of the x0.1 decays (default: 50% and 75%)
             eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
             step:float|None=None, # attack step size in 1/255 units (default eps/4: 2/255 at 8/255)
             steps:int=10, # PGD steps of the training perturbation (of size `step`)
@@ -285,6 +312,7 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
     from igdmfast.methods import get_method
     from igdmfast.evaluate import save_report, plot_training_curves
     _check_numbers(epochs, bs, steps, lr, n_aa)
+    sched = _schedule(protocol, milestones, epochs)
     if get_method(method).uses_teacher:
         raise CLIError(f"igdmfast teacher trains with pgd_at or trades, not {method!r} (a method that needs a teacher).")
     _check_model_name(arch, '--arch')
@@ -292,10 +320,10 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
     dev = _device(device)
     seed_everything(seed)
     dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
-    cfg = dict(command='teacher', data=data, arch=arch, teacher_method=method, epochs=epochs, bs=bs, lr=lr, eps=eps,
+    cfg = dict(command='teacher', data=data, arch=arch, teacher_method=method, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps,
                step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force)
-    model, secs = _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16)
+    model, secs = _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16, sched)
     name = f'teacher ({arch}, {method})'
     results = _evaluate_models({name: model}, dls, threat, n_aa, seed)
     plots = [plot_training_curves(out/'teacher_history.csv', out/'training_curves.png')]
@@ -352,7 +380,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     print(f"Report: {out/'report.md'}")
     return dict(res)
 
-# %% ../nbs/10_cli.ipynb #d93c3c79
+# %% ../nbs/10_cli.ipynb #6038667f
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -404,7 +432,9 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
             alpha:float|None=None, # IGDM's alpha for every method (default: each method's value in the paper's table)
             epochs:int=10, # epochs of each student (and of the teacher trained by 'auto')
             bs:int=128, # batch size
-            lr:float=3e-3, # maximum learning rate of the one-cycle schedule
+            lr:float|None=None, # learning rate (default: the protocol's, 3e-3 for 'fastai', 0.1 for 'paper')
+          protocol:str='fastai', # 'fastai' (Adam, one cycle) or 'paper' (SGD 0.9, wd 5e-4, step decay)
+          milestones:str|None=None, # with protocol 'paper': comma-separated epochs of the x0.1 decays (default: 50% and 75%)
             eps:float=8, # attack radius in 1/255 units (Linf), for training and evaluation
             step:float|None=None, # attack step size in 1/255 units (default eps/4: 2/255 at 8/255)
             steps:int=10, # PGD steps of the training perturbation (of size `step`)
@@ -425,6 +455,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     from igdmfast.methods import get_method
     from igdmfast.evaluate import robust_eval, grad_alignment, accuracy_vs_eps, save_report, plot_training_curves
     _check_numbers(epochs, bs, steps, lr, n_aa, alpha)
+    sched = _schedule(protocol, milestones, epochs)
     if n_curve < 0: raise CLIError(f"--n-curve must be 0 (skip the curve) or positive, got {n_curve}.")
     names = list(dict.fromkeys(m.strip() for m in methods.split(',') if m.strip()))
     if not names: raise CLIError("--methods is empty: give e.g. ard,rslad,adaad.")
@@ -439,11 +470,11 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     dls = make_dls()
     t_model = _teacher_arg(teacher, dev) if teacher != 'auto' else None
     cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, methods=names,
-               alpha=alpha, epochs=epochs, bs=bs, lr=lr, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
+               alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
                n_curve=n_curve, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force)
     teacher_s = 0.
-    if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16)
+    if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16, sched)
     t_name = teacher_arch if teacher == 'auto' else Path(teacher).name
 
     def measure(model, run_dir, student=True):
@@ -472,7 +503,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
                 print(f"{run_dir.name}: finished earlier (result.json), kept.")
                 r = json.loads((run_dir/'result.json').read_text())
             else:
-                learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, seed, bf16)
+                learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, seed, bf16, sched)
                 old = json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').is_file() else {}
                 spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else old.get('seconds_per_epoch')
                 _write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, alpha_used=learn.alpha, seconds_per_epoch=spe))
@@ -507,13 +538,15 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, acc_vs_eps.png, grad_cosines.png, one folder per variant)")
     return result
 
-# %% ../nbs/10_cli.ipynb #ce852096
+# %% ../nbs/10_cli.ipynb #4f0b5874
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
     if epochs: p.add_argument('--epochs', type=int, default=10, help='training epochs')
     p.add_argument('--bs', type=int, default=128, help='batch size')
-    p.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of the one-cycle schedule')
+    p.add_argument('--lr', type=float, default=None, help="learning rate (default: the protocol's: 3e-3 for fastai's one cycle, 0.1 for the paper's SGD)")
+    p.add_argument('--protocol', default='fastai', help="'fastai' (Adam, one-cycle schedule) or 'paper' (SGD momentum 0.9, weight decay 5e-4, lr x0.1 at --milestones)")
+    p.add_argument('--milestones', default=None, help="with --protocol paper: comma-separated epochs of the x0.1 decays (default: 50%% and 75%% of --epochs; RSLAD's paper schedule: 215,260,285 of 300)")
     p.add_argument('--eps', type=float, default=8, help='Linf attack radius in 1/255 units (8 means 8/255), for training and evaluation')
     p.add_argument('--step', type=float, default=None, help='attack step size in 1/255 units (default: eps/4, i.e. 2 at --eps 8)')
     p.add_argument('--steps', type=int, default=10, help='PGD steps of the training perturbation')
