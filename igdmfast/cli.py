@@ -131,7 +131,7 @@ def _trim_history(path, start):
     keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) < start]
     path.write_text(''.join(keep))
 
-# %% ../nbs/10_cli.ipynb #69a7e3e5
+# %% ../nbs/10_cli.ipynb #b646533d
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
     if not resume or not Path(path).is_file(): return 0
@@ -210,19 +210,19 @@ def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out
     learn.seconds_per_epoch = secs / (epochs - start) if epochs > start else None
     return learn, secs
 
-def _teacher_arg(teacher, dev):
-    "Load the teacher checkpoint at `teacher` onto `dev`."
+def _teacher_arg(teacher, dev, arch=None):
+    "Load the teacher checkpoint at `teacher` onto `dev` (built as `arch` when given)."
     from igdmfast.models import load_teacher
-    return load_teacher(teacher).to(dev)
+    return (load_teacher(teacher, arch=arch) if arch else load_teacher(teacher)).to(dev)
 
 def _check_teacher_arg(teacher):
     if teacher != 'auto' and not Path(teacher).is_file():
         raise FileNotFoundError(f"Teacher checkpoint {teacher!r} not found: give a file path (e.g. runs/teacher/teacher.pt) or 'auto'.")
 
-# %% ../nbs/10_cli.ipynb #650488ae
+# %% ../nbs/10_cli.ipynb #ba18ef6e
 def train(data:str='digits', # dataset name, .npz path or image folder
           teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
-          teacher_arch:str='small_cnn', # architecture of the teacher trained by 'auto'
+          teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
           student:str='tiny_mobilenet_cifar', # any registered or timm model name
           method:str='adaad', # adversarial-distillation method (see igdmfast.methods.METHODS)
           igdm:bool=True, # add the IGDM term
@@ -255,12 +255,13 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     get_method(method)   # fail fast, before any training
     _check_teacher_arg(teacher)
     _check_model_name(student, '--student')
-    if teacher == 'auto': _check_model_name(teacher_arch, '--teacher-arch')
+    if teacher == 'auto': teacher_arch = teacher_arch or 'small_cnn'
+    if teacher_arch: _check_model_name(teacher_arch, '--teacher-arch')
     threat = _threat(eps, step, steps)
     dev = _device(device)
     seed_everything(seed)
     dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
-    t_model = _teacher_arg(teacher, dev) if teacher != 'auto' else None
+    t_model = _teacher_arg(teacher, dev, teacher_arch) if teacher != 'auto' else None
     cfg = dict(command='train', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, method=method,
                igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid,
                n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
@@ -380,7 +381,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     print(f"Report: {out/'report.md'}")
     return dict(res)
 
-# %% ../nbs/10_cli.ipynb #6038667f
+# %% ../nbs/10_cli.ipynb #7bbffb15
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -426,7 +427,7 @@ def _compare_table(teacher_row, rows):
 
 def compare(data:str='digits', # dataset name, .npz path or image folder
             teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
-            teacher_arch:str='small_cnn', # architecture of the teacher trained by 'auto'
+            teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
             student:str='tiny_mobilenet_cifar', # any registered or timm model name
             methods:str='adaad', # comma-separated methods, each run with and without IGDM (e.g. ard,rslad,adaad,pgd_at)
             alpha:float|None=None, # IGDM's alpha for every method (default: each method's value in the paper's table)
@@ -462,13 +463,14 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     for m in names: get_method(m)
     _check_teacher_arg(teacher)
     _check_model_name(student, '--student')
-    if teacher == 'auto': _check_model_name(teacher_arch, '--teacher-arch')
+    if teacher == 'auto': teacher_arch = teacher_arch or 'small_cnn'
+    if teacher_arch: _check_model_name(teacher_arch, '--teacher-arch')
     threat = _threat(eps, step, steps)
     dev = _device(device)
     make_dls = lambda: get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
     seed_everything(seed)
     dls = make_dls()
-    t_model = _teacher_arg(teacher, dev) if teacher != 'auto' else None
+    t_model = _teacher_arg(teacher, dev, teacher_arch) if teacher != 'auto' else None
     cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, methods=names,
                alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
                n_curve=n_curve, seed=seed, device=dev, bf16=bf16, versions=_versions())
@@ -538,7 +540,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, acc_vs_eps.png, grad_cosines.png, one folder per variant)")
     return result
 
-# %% ../nbs/10_cli.ipynb #4f0b5874
+# %% ../nbs/10_cli.ipynb #9b1bdc38
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
@@ -563,7 +565,7 @@ def _common(p, out, epochs=True):
 
 def _distill_options(p):
     p.add_argument('--teacher', default='auto', help="teacher checkpoint (e.g. runs/teacher/teacher.pt), or 'auto' to train a robust one with PGD-AT first")
-    p.add_argument('--teacher-arch', dest='teacher_arch', default='small_cnn', help="architecture of the teacher trained by 'auto'")
+    p.add_argument('--teacher-arch', dest='teacher_arch', default=None, help="the teacher's architecture: of the one 'auto' trains (default small_cnn), or of a --teacher file that does not record it (e.g. wrn34_10 for a RobustBench file)")
     p.add_argument('--student', default='tiny_mobilenet_cifar', help='student model name registered with timm')
     p.add_argument('--alpha', type=float, default=None, help="IGDM's alpha (default: the paper's table for the data and student)")
 
