@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 IGDMFAST=${IGDMFAST:-.venv/bin/igdmfast}
 DATA=${DATA:-../shared/data/mnist.npz}
 OUT=experiments/mnist
-COMMON=(--data "$DATA" --eps 76.5 --steps 10 --bs 128 --n-train 10000 --n-valid 1000 --n-aa 500 --resume)
+COMMON=(--data "$DATA" --eps 76.5 --steps 10 --bs 128 --n-train 10000 --n-valid 1000 --n-aa 100 --resume)
 time "$IGDMFAST" teacher "${COMMON[@]}" --arch small_cnn --method pgd_at --epochs 6 --seed 0 --out $OUT/teacher
 T=$OUT/teacher/teacher.pt
 time "$IGDMFAST" compare "${COMMON[@]}" --teacher $T --student tiny_mobilenet_cifar --methods ard,rslad,adaad --epochs 3 --seed 0 --out $OUT/compare
