@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['RUN_MARKERS', 'SAME_ON_RESUME', 'CLIError', 'train', 'teacher', 'evaluate', 'compare', 'main']
 
-# %% ../nbs/10_cli.ipynb #1874f4fc
+# %% ../nbs/10_cli.ipynb #73faa3d2
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -33,6 +33,7 @@ def _check_numbers(epochs=1, bs=1, steps=1, lr=1., n_aa=0, alpha=None):
 def _threat(eps, step=None, steps=10):
     "The Linf threat model of the CLI's options, given in 1/255 units (step size eps/4 unless given)."
     from igdmfast.core import ThreatModel
+    if 0 < eps < 1: raise CLIError(f"--eps {eps:g} is in 1/255 units (it would mean {eps:g}/255); for 8/255 write --eps 8.")
     return ThreatModel.from_255(eps, eps / 4 if step is None else step, n_steps=steps)
 
 def _versions():
@@ -131,7 +132,7 @@ def _trim_history(path, start):
     keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) < start]
     path.write_text(''.join(keep))
 
-# %% ../nbs/10_cli.ipynb #b646533d
+# %% ../nbs/10_cli.ipynb #6323f093
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
     if not resume or not Path(path).is_file(): return 0
@@ -180,7 +181,7 @@ def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf1
     from igdmfast.core import seed_everything
     from igdmfast.learner import adv_learner
     from igdmfast.models import save_weights, load_teacher
-    from igdmfast.callback.checkpoint import Checkpoint
+    from igdmfast.callback.checkpoint import Checkpoint, StopOnNaN
     out = Path(out)
     if resume and (out/'teacher.pt').is_file():
         print(f"Resuming: the teacher of {out} is complete (teacher.pt).")
@@ -188,7 +189,8 @@ def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf1
     print(f"Training a robust teacher ({arch}, {method}, {epochs} epochs)...")
     seed_everything(seed)
     learn = adv_learner(_model_arg(arch, dls), dls, method=method, threat=threat, path=out,
-                        cbs=[CSVLogger(fname='teacher_history.csv'), Checkpoint('teacher_checkpoint.pt')], **_learner_opts(bf16, lr, sched))
+                        cbs=[CSVLogger(fname='teacher_history.csv'), Checkpoint('teacher_checkpoint.pt'), StopOnNaN()],
+                        **_learner_opts(bf16, lr, sched))
     _, secs = _fit(learn, epochs, out/'teacher_checkpoint.pt', resume, sched)
     model = learn.model.eval().requires_grad_(False)
     save_weights(model, out/'teacher.pt', arch=arch, method=method, epochs=epochs, seed=seed)
@@ -199,12 +201,12 @@ def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import seed_everything
     from igdmfast.learner import distill_learner
-    from igdmfast.callback.checkpoint import Checkpoint
+    from igdmfast.callback.checkpoint import Checkpoint, StopOnNaN
     seed_everything(seed)   # the same initial student and data order for every variant of a comparison
     s_model = _model_arg(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
     learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out,
-                            cbs=[CSVLogger(fname='history.csv'), Checkpoint('checkpoint.pt')], **_learner_opts(bf16, lr, sched))
+                            cbs=[CSVLogger(fname='history.csv'), Checkpoint('checkpoint.pt'), StopOnNaN()], **_learner_opts(bf16, lr, sched))
     start, secs = _fit(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
     learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed)
     learn.seconds_per_epoch = secs / (epochs - start) if epochs > start else None
@@ -540,7 +542,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, acc_vs_eps.png, grad_cosines.png, one folder per variant)")
     return result
 
-# %% ../nbs/10_cli.ipynb #9b1bdc38
+# %% ../nbs/10_cli.ipynb #4f1eed1a
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
@@ -604,6 +606,11 @@ def _parser():
 
 _COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate)
 
+def _message(e):
+    "The error's message without the prefix fastai adds to exceptions raised inside callbacks."
+    import re
+    return re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\n\t", '', str(e))
+
 def main(argv=None):
     "Entry point of the `igdmfast` command."
     warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fastai's import
@@ -617,11 +624,15 @@ def main(argv=None):
         return 130
     except (CLIError, ValueError, OSError) as e:  # bad input, missing or unwritable files: one line, no traceback
         if args.debug: raise
-        print(f"igdmfast: error: {e}", file=sys.stderr)
+        print(f"igdmfast: error: {_message(e)}", file=sys.stderr)
         return 2
+    except ArithmeticError as e:  # a NaN/inf loss (StopOnNaN): the last good checkpoint is kept
+        if args.debug: raise
+        print(f"igdmfast: error: {_message(e)}", file=sys.stderr)
+        return 1
     except Exception as e:
         if args.debug: raise
-        print(f"igdmfast: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"igdmfast: error: {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -213,8 +213,15 @@ class TensorImageLoader(DataLoader):
         return (f"{type(self).__name__}({self.dataset!r}, bs={self.bs}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
                 f"augment={_fn_repr(self.augment)}, device={self.device})")
 
-# %% ../nbs/04_data.ipynb #506791bc
+# %% ../nbs/04_data.ipynb #568402e0
 def _default_device(): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+def _as_device(device)->torch.device:
+    "`device` as a `torch.device`, with a clear error for names that are not devices."
+    try: return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:1', 'mps' or a torch.device "
+                         "(None picks CUDA when available).") from None
 
 def _as_images(x, name='x')->Tensor:
     "`x` (numpy or torch; NHW, NHWC or NCHW; uint8 or float in [0,1]) as a CPU tensor (N, C, H, W), uint8 or float32."
@@ -269,7 +276,7 @@ def _as_labels(y, name='y')->Tensor:
 
 def _suggest_bs(n): return 1 << (max(n, 1).bit_length() - 1)  # the largest power of two <= n
 
-# %% ../nbs/04_data.ipynb #7c94e656
+# %% ../nbs/04_data.ipynb #5e60b096
 def tensor_dls(x_train, # training images: numpy or torch, (N,H,W), (N,H,W,C) or (N,C,H,W); uint8 0–255 or float in [0,1]
                y_train, # training labels (N,), integer class indices
                x_valid, # validation images, same rules as `x_train`
@@ -304,7 +311,7 @@ def tensor_dls(x_train, # training images: numpy or torch, (N,H,W), (N,H,W,C) or
         raise ValueError(f"bs={bs} is larger than the training set ({len(xt)} images), so an epoch would have no full batch. "
                          f"Use a smaller batch size, e.g. bs={_suggest_bs(len(xt))}.")
     if drop_last is None: drop_last = shuffle
-    device = _default_device() if device is None else torch.device(device)
+    device = _default_device() if device is None else _as_device(device)
     train = TensorImageLoader(TensorImageDataset(xt, yt, vocab, name), bs=bs, shuffle=shuffle, drop_last=drop_last, augment=augment)
     valid = TensorImageLoader(TensorImageDataset(xv, yv, vocab, name), bs=val_bs or bs, shuffle=False, drop_last=False)
     return DataLoaders(train, valid, path=path, device=device)
@@ -595,7 +602,7 @@ def get_arrays(source='digits', # a name from `DATASETS`, a path to an `.npz` fi
                          "or give a path to an .npz file or to an image folder.")
     raise FileNotFoundError(f"No such file or folder: {p}")
 
-# %% ../nbs/04_data.ipynb #da343cb9
+# %% ../nbs/04_data.ipynb #0790cfa1
 def get_dls(source='digits', # a name from `DATASETS`, a path to an `.npz` file, or an image folder with train/ and valid/
             bs:int=128, # training batch size
             val_bs:int|None=None, # validation batch size (None: `bs`)
@@ -613,6 +620,8 @@ def get_dls(source='digits', # a name from `DATASETS`, a path to an `.npz` file,
     "fastai DataLoaders of images in [0,1] from a dataset name, an `.npz` file or an image folder (default: sklearn digits)."
     r = get_arrays(source, data_dir=data_dir, size=size, valid_pct=valid_pct, seed=seed, download=download)
     xt, yt, xv, yv = r['x_train'], r['y_train'], r['x_valid'], r['y_valid']
+    for name, a in (('training', xt), ('validation', xv)):
+        if len(a) == 0: raise ValueError(f"The {name} set of {source} is empty: there are no images in it.")
     if n_train is not None: i = stratified_subset(yt, n_train, seed); xt, yt = xt[i], yt[i]
     if n_valid is not None: i = stratified_subset(yv, n_valid, seed); xv, yv = xv[i], yv[i]
     xt, xv = _as_images(xt, 'x_train'), _as_images(xv, 'x_valid')

@@ -8,10 +8,13 @@ and row by row in the recorder and the CSV, with runs that were
 - SIGKILLed in the middle of epoch 2 in a subprocess, then resumed in a fresh subprocess (fresh seed, fresh objects);
 - stopped by a `KeyboardInterrupt` mid-epoch, then resumed by a new learner in this process;
 - SIGKILLed while `atomic_save` was writing the epoch-2 checkpoint (a `torch.save` that writes half the file and
-  kills its own process), and killed at random moments of slowed-down checkpoint writes many times.
+  kills its own process), and killed at random moments of slowed-down checkpoint writes many times;
+- stopped by `StopOnNaN` at a NaN training loss (epoch and batch named, the last good checkpoint kept);
+- stopped by a full disk (ENOSPC) while writing the epoch-1 checkpoint (clear message, last good checkpoint intact).
 
 This file is also the subprocesses' driver: `python tests/test_checkpoint.py MODE OUT`.
 """
+import errno
 import io
 import json
 import os
@@ -32,7 +35,7 @@ from fastai.callback.progress import CSVLogger
 from igdmfast.core import ThreatModel, seed_everything
 from igdmfast.data import get_dls
 from igdmfast.learner import distill_learner
-from igdmfast.callback.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resume
+from igdmfast.callback.checkpoint import Checkpoint, CheckpointError, NonFiniteError, StopOnNaN, load_checkpoint, resume
 import igdmfast.models  # noqa: F401  (registers small_cnn with timm)
 
 THREAT = ThreatModel(eps=0.1, step_size=0.05, n_steps=2)
@@ -295,6 +298,58 @@ def test_torch_optimizer_and_trackers_resume_exactly(tmp_path):
     assert_same_run(result(ref), result(learn))
     for name, attrs in (('early_stopping', ('best', 'wait')), ('save_model', ('best',))):
         for a in attrs: assert getattr(getattr(ref, name), a) == getattr(getattr(learn, name), a), (name, a)
+
+
+class NaNLossAt(Callback):
+    "Make the training loss of one batch NaN, as a diverging step does (before `StopOnNaN` looks at it)."
+    order = 0
+    def __init__(self, epoch, it): self.at = (epoch, it)
+    def after_loss(self):
+        if self.training and (self.epoch, self.iter) == self.at:
+            self.learn.loss_grad = self.learn.loss_grad * float('nan'); self.learn.loss = self.learn.loss_grad.clone()
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
+    ref, _ = uninterrupted
+    learn = build(tmp_path, cbs=[StopOnNaN(), NaNLossAt(2, 1)])
+    with pytest.raises(NonFiniteError, match=r'loss is nan at epoch 2 \(0-based\), batch 1 of 5 \(step 11\); this batch did not '
+                                             r'update the weights\. The last good checkpoint, .*ckpt.pt, is kept'):
+        fit(learn)
+    assert load_checkpoint(tmp_path/CKPT)['next_epoch'] == 2
+    learn = build(tmp_path, seed=3)             # resume from the last good epoch: the run is not lost
+    fit(learn, start_epoch=learn.resume_from(CKPT))
+    assert_same_run(ref, result(learn))
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path):
+    "Without `StopOnNaN`, the NaN step goes through, but `Checkpoint` refuses to write a NaN state over the good one."
+    learn = build(tmp_path, cbs=[NaNLossAt(1, 4)])
+    with pytest.raises(NonFiniteError, match=r'Not saving the checkpoint of epoch 1: its weights hold NaN.*ckpt.pt is kept'):
+        fit(learn)
+    ck = load_checkpoint(tmp_path/CKPT)
+    assert ck['next_epoch'] == 1 and all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
+
+
+def test_disk_full_during_a_checkpoint_write(uninterrupted, tmp_path, monkeypatch):
+    "ENOSPC in the middle of the epoch-1 write: a clear error, the epoch-0 checkpoint intact, and the run resumes exactly."
+    ref, _ = uninterrupted
+    real = torch.save
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get('format') == 'igdmfast.checkpoint' and obj['epoch'] == 1:
+            buf = io.BytesIO(); real(obj, buf, *args, **kwargs); data = buf.getvalue()
+            f.write(data[:len(data)//3]); f.flush()
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.raises(OSError, match=r'Could not write .*ckpt.pt: No space left on device \(the disk is full.*The previous '
+                                      r'ckpt.pt is untouched') as e:
+        fit(build(tmp_path))
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC
+    assert load_checkpoint(tmp_path/CKPT)['next_epoch'] == 1 and not list(tmp_path.glob(f'.{CKPT}.*.tmp'))
+    learn = build(tmp_path, seed=8)
+    fit(learn, start_epoch=learn.resume_from(CKPT))
+    assert_same_run(ref, result(learn))
 
 
 def test_resume_refuses_a_different_fit(uninterrupted, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger, ShowGraphCallback
 from fastai.callback.tracker import SaveModelCallback
@@ -27,7 +27,7 @@ from fastai.losses import CrossEntropyLossFlat
 
 from igdmfast.core import ThreatModel, seed_everything
 from igdmfast.data import get_dls
-from igdmfast.learner import AdvLearner, adv_learner, distill_learner
+from igdmfast.learner import AdvLearner, BF16, adv_learner, distill_learner
 from igdmfast.methods import METHODS
 from igdmfast.models import load_teacher, small_cnn
 
@@ -210,6 +210,55 @@ def test_cpu_autocast_mixed_precision(make, amp):
     assert dtype in dtypes, "the student's forward did not run under autocast"
     assert torch.float32 in dtypes, "the attack's forwards should be fp32 (they run before autocast is entered)"
     assert all(learn.probe.autocast), "autocast was not active after MixedPrecision.before_batch"
+
+
+# ----------------------------------------------------------------------------------------------- speed options
+
+class FirstStep(Callback):
+    "Record the first training step (x′, loss, whether autocast was on in the outer pass), then stop the fit."
+    order, run_valid = MixedPrecision.order + 1, False
+    def __init__(self): self.x_adv = self.first_loss = None
+    def before_batch(self): self.x_adv, self.autocast = self.xb[0].detach().clone(), torch.is_autocast_enabled('cpu')
+    def after_loss(self): self.first_loss = self.learn.loss.detach().float().item()
+    def after_batch(self): raise CancelFitException()
+
+
+def _first_step(learn):
+    learn.fit(1, cbs=(p := FirstStep()))
+    return p
+
+
+def _fresh(teacher, factory='distill', **kw):
+    "A learner on freshly built (seeded) digits, so that two of them see the same first batch."
+    seed_everything(0)
+    d = get_dls('digits', bs=128, device='cpu')
+    if factory == 'adv': return adv_learner(_cnn(8), d, threat=THREAT, **kw)
+    return distill_learner(teacher, _cnn(8), d, threat=THREAT, alpha=1.0, check_teacher=False, **kw)
+
+
+@pytest.mark.parametrize('factory', ['distill', 'adv'])
+def test_bf16_option(teacher, factory):
+    "`bf16=True`: the outer pass under CPU bf16 autocast, the attack in fp32 (the same x′), the loss close to fp32's."
+    def build(**kw): return _fresh(teacher, factory, **({'method': 'rslad'} if factory == 'distill' else {}), **kw)
+    f32, b16 = _first_step(build()), _first_step(learn := build(bf16=True))
+    assert learn.bf16 and any(isinstance(cb, BF16) for cb in learn.cbs)
+    assert b16.autocast and not f32.autocast
+    assert torch.equal(b16.x_adv, f32.x_adv)
+    assert b16.first_loss == pytest.approx(f32.first_loss, rel=0.05)
+    learn.to_fp32()   # fastai's own switch removes it
+    assert not any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+
+
+@pytest.mark.slow
+def test_compile_option(teacher):
+    "`compile=True`: the student compiled in place (same module, same state-dict keys), the step's loss as eager's."
+    eager = _first_step(_fresh(teacher, method='adaad'))
+    learn = _fresh(teacher, method='adaad', compile=True)
+    student = learn.model
+    keys = list(student.state_dict())
+    comp = _first_step(learn)
+    assert learn.model is student and list(student.state_dict()) == keys and learn.compile
+    assert comp.first_loss == pytest.approx(eager.first_loss, rel=1e-2)
 
 
 # ----------------------------------------------------------------------------------------------- callbacks

@@ -163,8 +163,9 @@ def ref_loss(name, kw, S, T, x, y, xa, epoch, igdm):
 # --------------------------------------------------------------------------------------- running the library
 
 class Counter:
-    "Rows of every forward call of a module."
-    def __init__(self, m): self.rows = []; self.h = m.register_forward_hook(lambda mod, i, o: self.rows.append(i[0].shape[0]))
+    """Rows of every forward call of a `Net`, counted at its classifier: a hook on the net itself would make the library
+    run the net as it is rather than through its conv→BN-folded view (`bn_folded` leaves hooked modules alone)."""
+    def __init__(self, m): self.rows = []; self.h = m.fc.register_forward_hook(lambda mod, i, o: self.rows.append(i[0].shape[0]))
 
 class Probe(Callback):
     "Before the library's callbacks: seed, snapshot the student and the clean batch. After the backward: loss, grads, x′."
@@ -189,11 +190,11 @@ class F32Loss(Callback):
     def after_batch(self):
         if self.training and isinstance(self.learn.loss, torch.Tensor): self.learn.loss = self.learn.loss.float()
 
-def build(name, igdm, kw, dls, student, teacher):
+def build(name, igdm, kw, dls, student, teacher, **opts):
     if igdm or name not in ('pgd_at', 'trades'):
         return distill_learner(teacher, student, dls, method=name, igdm=igdm, alpha=ALPHA if igdm else None,
-                               threat=THREAT, loss_kwargs=kw or None, check_teacher=False)
-    return adv_learner(student, dls, method=name, threat=THREAT, loss_kwargs=kw or None)
+                               threat=THREAT, loss_kwargs=kw or None, check_teacher=False, **opts)
+    return adv_learner(student, dls, method=name, threat=THREAT, loss_kwargs=kw or None, **opts)
 
 CONFIGS = [(m, g, {}) for m in METHOD_NAMES for g in (False, True)] + [
     ('iad', False, dict(begin=0)), ('iad', True, dict(begin=0)),   # the late (self-introspection) branch in both epochs
@@ -207,12 +208,12 @@ IDS = [cfg_id(c) for c in CONFIGS]
 def state_of(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 @functools.lru_cache(maxsize=None)
-def run(i):
+def run(i, fold_bn=True):
     "Fit config `i` for 2 epochs of one batch each, recording both steps (cached: several tests read one run)."
     name, igdm, kw = CONFIGS[i]
     student, teacher = make_student(), make_teacher()
     teacher_before, teacher_params = state_of(teacher), list(teacher.parameters())
-    learn = build(name, igdm, kw, make_dls(), student, teacher)
+    learn = build(name, igdm, kw, make_dls(), student, teacher, fold_bn=fold_bn)
     counters = dict(student=Counter(student), teacher=Counter(teacher))
     probe = Probe(counters)
     with learn.no_bar(), learn.no_logging(): learn.fit(N_EPOCH, cbs=[probe, F32Loss()])
@@ -225,9 +226,9 @@ def rel_err(a, b): return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 # ------------------------------------------------------------------------------------------- 1. the step's math
 
-def _check_step(i, teacher_grad=True):
+def _check_step(i, teacher_grad=True, fold_bn=True):
     name, igdm, kw = CONFIGS[i]
-    r = run(i)
+    r = run(i, fold_bn)
     assert len(r['steps']) == N_EPOCH
     T = copy.deepcopy(r['teacher']).eval()
     for st in r['steps']:
@@ -285,13 +286,21 @@ def expected_rows(name, kw, epoch, igdm):
     rows = B * (t_nat + t_adv + igdm)
     return student, teacher + ([rows] if rows else [])
 
+def check_rows(name, igdm, epoch):
+    """The one-off check of each conv→BN-folded view at the first batch of a fit: the model and its view on 2 samples
+    (the student's view only for eval-mode attacks; the teacher's whenever the learner has a teacher)."""
+    if epoch: return [], []
+    has_teacher = igdm or name not in ('pgd_at', 'trades')
+    return ([] if name == 'iad' else [2, 2]), ([2, 2] if has_teacher else [])
+
 @pytest.mark.parametrize('i', range(len(CONFIGS)), ids=IDS)
 def test_forward_passes(i):
     name, igdm, kw = CONFIGS[i]
     for st in run(i)['steps']:
         s, t = expected_rows(name, kw, st['epoch'], igdm)
-        assert st['rows']['student'] == s, (st['epoch'], st['rows'])
-        assert st['rows']['teacher'] == t, (st['epoch'], st['rows'])
+        cs, ct = check_rows(name, igdm, st['epoch'])
+        assert st['rows']['student'] == cs + s, (st['epoch'], st['rows'])
+        assert st['rows']['teacher'] == ct + t, (st['epoch'], st['rows'])
 
 def test_forward_pass_table():
     "The per-step numbers spelled out for the default options (K attack steps, batch B), with and without IGDM."
@@ -412,3 +421,30 @@ def test_export_student_loads_as_teacher(tmp_path):
     m = load_teacher(p, model=Net(8).double())
     assert _same_state(state_of(m), state_of(learn.model))
     assert not m.training and not any(q.requires_grad for q in m.parameters())
+
+
+# ------------------------------------------------------------------------------ 4. conv→BN folding, exact in float64
+
+FOLD_IDS = ['pgd_at-base', 'trades-base', 'iad-igdm-begin0', 'rslad-igdm', 'adaad-igdm']
+
+@pytest.mark.parametrize('cid', FOLD_IDS)
+def test_folded_views_in_use(cid):
+    "The eval-mode attack runs the student's folded view (AdaAD's the teacher's too); IAD's train-mode attack the student."
+    from igdmfast.callback.adversarial import ConvBN
+    learn = run(IDS.index(cid))['learn']
+    views = list({id(v): v for _, v in learn.adv_examples._views.values()}.values())
+    folded = [v for v in views if any(isinstance(m, ConvBN) for m in v.modules())]
+    name = cid.split('-')[0]
+    n_student = 0 if name == 'iad' else 1
+    n_teacher = 1 if name in ('rslad', 'adaad') or 'igdm' in cid else 0
+    assert len(folded) == n_student + n_teacher, (cid, views)
+    assert all(sum(isinstance(m, ConvBN) for m in v.modules()) == 2 for v in folded)   # both conv→BN pairs of Net
+
+@pytest.mark.parametrize('cid', FOLD_IDS)
+def test_fold_bn_off_equals_spec(cid):
+    "Without folding the step is the spec's too (the folded run is checked by test_step_equals_spec), same passes."
+    i = IDS.index(cid)
+    _check_step(i, fold_bn=False)
+    for a, b in zip(run(i)['steps'], run(i, fold_bn=False)['steps']):
+        s, t = check_rows(cid.split('-')[0], 'igdm' in cid, a['epoch'])   # no view to check without folding
+        assert a['rows']['student'][len(s):] == b['rows']['student'] and a['rows']['teacher'][len(t):] == b['rows']['teacher']

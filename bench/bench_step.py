@@ -1,0 +1,185 @@
+"""igdmfast's training step (a real `distill_learner` fit) against the official IGDM scripts' step (bench/reference.py),
+for RSLAD+IGDM and AdaAD+IGDM on the same models, batches and seed: first both must give the same loss and the same
+parameter gradients (fp32), then both are timed, interleaved, and their peak memory is measured in fresh processes.
+
+    python bench/bench_step.py [--device cuda] [--methods rslad,adaad] [--batches 2] [--repeats 5] [--threads 1]
+"""
+from __future__ import annotations
+import copy, json, os, sys
+import torch
+from _common import (base_parser, setup, describe, models, images, machine, interleaved, med, peak_memory, child_memory, table,
+                     dump, sync, _drop_json)
+import reference
+
+ALPHA = dict(rslad=4.0, adaad=50.0)   # the paper's α for MobileNetV2 / CIFAR-100 / BDM-AT teacher (spec a.3)
+EPOCHS = 1                              # one fit of one epoch: igdmfast's ramp α·(e+1)/E and the script's α·e/E both give α
+
+
+def learner(teacher, student, x, y, method, args, dev, dtype=torch.float32, **opts):
+    "igdmfast's `distill_learner` over the batches `x, y` (in order), the paper protocol, no validation, no bar, no logs."
+    from fastai.callback.core import Callback, CancelValidException
+    from igdmfast.core import ThreatModel
+    from igdmfast.data import tensor_dls
+    from igdmfast.learner import distill_learner
+
+    class NoValidation(Callback):
+        def before_validate(self): raise CancelValidException()
+
+    dls = tensor_dls(x, y, x[:1], y[:1], bs=args.bs, device=dev, shuffle=False, class_names=[str(i) for i in range(args.classes)])
+    if dtype != torch.float32:   # the loaders give float32 images
+        for dl in dls.loaders: dl.batch_tfm = lambda b: (b[0].to(dtype), b[1])
+    learn = distill_learner(teacher, student, dls, method=method, igdm=True, alpha=ALPHA[method], threat=ThreatModel(),
+                            protocol='paper', wd=reference.WEIGHT_DECAY[method], check_teacher=False,
+                            cbs=[NoValidation()], **opts)
+    learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ in ('ProgressCallback',)])
+    return learn
+
+
+def fit(learn):
+    with learn.no_logging(): learn.fit(EPOCHS)
+
+
+def ref_setup(teacher, student, method, dev):
+    return reference.make(copy.deepcopy(student), copy.deepcopy(teacher), method, dev)
+
+
+def ref_run(method, s, t, opt, batches, args, step=True, **kw):
+    f = reference.STEPS[method]
+    return [f(s, t, opt, xb, yb, ALPHA[method], EPOCHS, EPOCHS, n_classes=args.classes, step=step, **kw) for xb, yb in batches]
+
+
+def lib_once(method, teacher, student, xb, yb, args, dev, dtype, seed, **opts):
+    "One igdmfast step (a `fit` of one batch) in `dtype`: its loss, parameter gradients and x′."
+    from fastai.callback.core import Callback
+    from igdmfast.callback.adversarial import AdvExamples
+    got = {}
+
+    class Probe(Callback):
+        order = AdvExamples.order - 1
+        def before_batch(self):
+            if self.training: torch.manual_seed(seed)
+        def after_backward(self):
+            got.update(loss=self.learn.loss_grad.detach().clone(), x_adv=self.xb[0].detach().clone(),
+                       grads={n: p.grad.detach().clone() for n, p in self.model.named_parameters()})
+        def after_batch(self):   # fastai's smoothed loss is a float32 buffer
+            if self.training: self.learn.loss = self.learn.loss.float()
+
+    t, m = copy.deepcopy(teacher), copy.deepcopy(student)
+    learn = learner(t, m, xb, yb, method, args, dev, dtype, **opts)
+    t.to(dtype); m.to(dtype)   # after `distill_learner`'s float32 probe of the models
+    learn.add_cb(Probe())
+    fit(learn)
+    return got
+
+
+def ref_once(method, teacher, student, xb, yb, args, dev, dtype, seed, **kw):
+    "One reference step in `dtype`: its loss, parameter gradients and x′."
+    s, t, opt = ref_setup(copy.deepcopy(teacher).to(dtype), copy.deepcopy(student).to(dtype), method, dev)
+    torch.manual_seed(seed)
+    loss, x_adv = ref_run(method, s, t, opt, [(xb.to(dev, dtype), yb.to(dev))], args, step=False, **kw)[0]
+    return dict(loss=loss, x_adv=x_adv, grads={n: p.grad.detach().clone() for n, p in s.module.named_parameters()})
+
+
+def errors(a, b)->dict:
+    "How far step `a` is from step `b`: relative loss error, gradient error (max |Δ| over all / max |g| over all), x′ entries that differ."
+    gmax = max(g.abs().max().item() for g in b['grads'].values())
+    return dict(loss=abs(a['loss'].item() - b['loss'].item()) / abs(b['loss'].item()),
+                grad=max((a['grads'][n].double() - g.double()).abs().max().item() for n, g in b['grads'].items()) / gmax,
+                x_adv=int(((a['x_adv'].double() - b['x_adv'].double()).abs() > 1e-6).sum()))
+
+
+SIDES = {'igdmfast': {}, 'igdmfast fold_bn=False': dict(fold_bn=False), 'reference': None}
+
+
+def check_same(method, teacher, student, x, y, args, dev, seed=1234)->dict:
+    """igdmfast (with and without `fold_bn`) against the reference from the same weights, batch and seed: in float64
+    (the math: must agree) and in float32, with the float32 noise floor: the reference against itself when x+δ is the
+    bit pattern of x′ rather than x + (x′ − x) (the same point; IGDM's output differences S(x+δ) − S(x−δ) amplify
+    such last-bit changes)."""
+    xb, yb = x[:args.bs], y[:args.bs]
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        r = ref_once(method, teacher, student, xb, yb, args, dev, dt, seed)
+        for side, opts in SIDES.items():
+            if opts is not None: out[(side, str(dt)[6:])] = errors(lib_once(method, teacher, student, xb, yb, args, dev, dt, seed, **opts), r)
+        if dt == torch.float32:
+            out[('reference x+δ as x′', 'float32')] = errors(ref_once(method, teacher, student, xb, yb, args, dev, dt, seed, plus_at_x_adv=True), r)
+    return out
+
+
+def run_side(side, method, teacher, student, x, y, args, dev):
+    "A callable that runs `args.batches` training steps on `side` (set up once, outside the timing)."
+    if SIDES[side] is not None:
+        learn = learner(copy.deepcopy(teacher), copy.deepcopy(student), x, y, method, args, dev, **SIDES[side])
+        return lambda: fit(learn)
+    s, t, opt = ref_setup(teacher, student, method, dev)
+    batches = [(x[i:i+args.bs].to(dev), y[i:i+args.bs].to(dev)) for i in range(0, len(x), args.bs)]
+    return lambda: ref_run(method, s, t, opt, batches, args)
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument('--methods', default='rslad,adaad')
+    p.add_argument('--batches', type=int, default=2, help='training steps per timed run (one fit on the igdmfast side)')
+    p.add_argument('--tol', type=float, default=1e-5, help='relative tolerance of the float64 loss and gradient check')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
+    p.add_argument('--mem-child', default=None, help=argparse_hidden())
+    args = p.parse_args(argv)
+    dev = setup(args)
+    teacher, student = models(args.classes, args.seed)
+    x, y = images(args.bs * args.batches, args.classes, args.seed)
+    methods = args.methods.split(',')
+
+    if args.mem_child:   # a fresh process: only one side, only its peak
+        run = run_side(args.mem_child, methods[0], teacher, student, x, y, args, dev)
+        print(json.dumps(dict(peak_mib=peak_memory(run, dev))))
+        return
+
+    info = machine(dev)
+    print(f"bench_step: igdmfast distill_learner step vs the official scripts' step | batch {args.bs}, {args.classes} classes, "
+          f"PGD-10, {args.batches} steps per run, median of {args.repeats} interleaved runs after 1 warm-up\n  {describe(info)}")
+    rows, checks = [], {}
+    for m in methods:
+        c = checks[m] = check_same(m, teacher, student, x, y, args, dev)
+        for (side, dt), e in c.items():
+            ok = e['loss'] <= args.tol and e['grad'] <= args.tol and e['x_adv'] == 0
+            print(f"  {m}+igdm {dt}: {side} vs reference: loss {e['loss']:.1e}, grads {e['grad']:.1e}, x′ entries "
+                  f"{e['x_adv']}" + (f" -> {'SAME' if ok else 'DIFFERENT'}" if dt == 'float64' else ''))
+            if dt == 'float64' and not ok:
+                raise SystemExit(f"{m}: {side} and the reference disagree beyond {args.tol:g} in float64; not timing them.")
+    for m in methods:
+        sides = {k: run_side(k, m, teacher, student, x, y, args, dev) for k in SIDES}
+        wall, cpu = interleaved(sides, args.repeats, dev)
+        n = args.bs * args.batches
+        base = _strip_opt(_drop_json(sys.argv[1:] if argv is None else argv), '--methods') + ['--methods', m]
+        for k in SIDES:
+            row = {'method': f"{m}+igdm", 'side': k, 'img/s': n / med(wall[k]), 'speed-up': med(wall['reference']) / med(wall[k])}
+            if dev.type == 'cpu':
+                row.update({'img/cpu-s': n / med(cpu[k]), 'speed-up (cpu-s)': med(cpu['reference']) / med(cpu[k])})
+            if not args.no_memory: row['peak MiB'] = child_memory(__file__, base, k)
+            row.update(load=round(os.getloadavg()[0], 2), wall_s=[round(v, 3) for v in wall[k]], cpu_s=[round(v, 3) for v in cpu[k]])
+            rows.append(row)
+    cols = ['method', 'side', 'img/s', 'speed-up'] + (['img/cpu-s', 'speed-up (cpu-s)'] if dev.type == 'cpu' else []) + \
+           ([] if args.no_memory else ['peak MiB']) + ['load']
+    print(table(rows, cols))
+    info['loadavg_end'] = [round(v, 2) for v in os.getloadavg()]
+    dump(args, dict(machine=info, args=vars(args), checks={m: {f"{k[0]} {k[1]}": v for k, v in c.items()} for m, c in checks.items()},
+                    rows=rows))
+
+
+def _strip_opt(argv, name):
+    out, skip = [], False
+    for a in argv:
+        if skip: skip = False; continue
+        if a == name: skip = True; continue
+        if a.startswith(name + '='): continue
+        out.append(a)
+    return out
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+if __name__ == '__main__': main()
