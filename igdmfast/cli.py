@@ -132,7 +132,7 @@ def _trim_history(path, start):
     keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) < start]
     path.write_text(''.join(keep))
 
-# %% ../nbs/10_cli.ipynb #6323f093
+# %% ../nbs/10_cli.ipynb #6482b0db
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
     if not resume or not Path(path).is_file(): return 0
@@ -163,6 +163,7 @@ def _fit(learn, epochs, ckpt, resume, sched=None):
     start = _resume_point(learn, ckpt, resume)
     csv = getattr(learn, 'csv_logger', None)
     if start and csv is not None: _trim_history(Path(learn.path)/csv.fname, start); csv.append = True
+    if start >= epochs: return start, 0.   # the run had finished: nothing left to train
     t = time.time()
     if sched['protocol'] == 'paper': learn.fit(epochs, start_epoch=start)
     else: learn.fit_one_cycle(epochs, start_epoch=start)
