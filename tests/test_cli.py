@@ -73,7 +73,7 @@ def natural_pgd20(student, seed=0, epochs=10):
     from igdmfast.core import seed_everything
     from igdmfast.data import get_dls
     from igdmfast.evaluate import robust_eval
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))   # the CLI subprocess's thread count
     seed_everything(seed)
     dls = get_dls('digits', bs=128, seed=seed)
     model = timm.create_model(student, num_classes=dls.c, in_chans=dls.in_chans)
