@@ -433,6 +433,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'igdmfast.methods._adaad_needs': ('methods.html#_adaad_needs', 'igdmfast/methods.py'),
                                   'igdmfast.methods._adaad_objective': ('methods.html#_adaad_objective', 'igdmfast/methods.py'),
                                   'igdmfast.methods._ard_needs': ('methods.html#_ard_needs', 'igdmfast/methods.py'),
+                                  'igdmfast.methods._dataset_family': ('methods.html#_dataset_family', 'igdmfast/methods.py'),
                                   'igdmfast.methods._iad_needs': ('methods.html#_iad_needs', 'igdmfast/methods.py'),
                                   'igdmfast.methods._no_needs': ('methods.html#_no_needs', 'igdmfast/methods.py'),
                                   'igdmfast.methods._row': ('methods.html#_row', 'igdmfast/methods.py'),

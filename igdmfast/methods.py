@@ -49,7 +49,7 @@ def inner_adaad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
     "Maximize KL(T(x′) ‖ S(x′)), the teacher evaluated at the moving point: AdaAD."
     return perturb((student, teacher), x, y, threat, _adaad_objective, mode=mode, check=False)
 
-# %% ../nbs/05_methods.ipynb #8bcddbc1
+# %% ../nbs/05_methods.ipynb #f941da6a
 _METHOD_ORDER = ('pgd_at', 'trades', 'ard', 'iad', 'akd', 'rslad', 'adaad')
 def _row(*values): return dict(zip(_METHOD_ORDER, values))
 
@@ -79,13 +79,20 @@ def _student_family(name):
     if 'resnet18' in n: return 'resnet18'
     return n
 
+def _dataset_family(name):
+    "The table's dataset a dataset name belongs to: 'cifar10_subset' reads the CIFAR-10 rows."
+    n = (name or '').lower().replace('-', '_')
+    for ds in sorted(_DEFAULT_TEACHER, key=len, reverse=True):   # cifar100 before cifar10
+        if n == ds or n.startswith(ds + '_'): return ds
+    return n
+
 def table_alpha(method:str, # a key of `METHODS`
                 dataset:str|None=None, # 'cifar10', 'cifar100', 'svhn', 'tiny_imagenet', or anything else
                 student:str|None=None, # the student's architecture name, e.g. 'resnet18_cifar'
                 teacher:str|None=None, # 'LTD', 'BDM-AT', 'IKL-AT' (CIFAR), 'PGD-AT' (SVHN), 'RiFT' (Tiny-ImageNet)
                )->tuple[float, tuple, bool]:
     "The paper's IGDM α: `(alpha, table_key, exact)`; `exact` is False on the fallback row, `alpha` None for methods not in the table."
-    ds, st = (dataset or '').lower().replace('-', '_'), _student_family(student)
+    ds, st = _dataset_family(dataset), _student_family(student)
     key = (ds, st, teacher or _DEFAULT_TEACHER.get(ds, ''))
     row = ALPHA_TABLE.get(key)
     if row is None: key, row, exact = _FALLBACK, ALPHA_TABLE[_FALLBACK], False

@@ -16,4 +16,6 @@ time "$IGDMFAST" teacher "${COMMON[@]}" --arch tiny_resnet_cifar --method pgd_at
 T=$OUT/teacher/teacher.pt
 time "$IGDMFAST" compare "${COMMON[@]}" --teacher $T --n-train 5000 --student tiny_mobilenet_cifar --methods ard,rslad,adaad --epochs 3 --seed 0 --out $OUT/compare
 time "$IGDMFAST" train "${COMMON[@]}" --teacher $T --n-train 5000 --student tiny_mobilenet_cifar --method pgd_at --no-igdm --epochs 3 --seed 0 --out $OUT/pgd_at
-time "$IGDMFAST" compare "${COMMON[@]}" --teacher $T --n-train 5000 --student tiny_mobilenet_cifar --methods ard --epochs 3 --seed 1 --out $OUT/compare_seed1
+# The seed-0 grid above ran when `cifar10_subset` still read the fallback row of the α table (ARD: α = 5); the
+# CIFAR-10/MobileNetV2 row now gives 10, so the second seed pins 5 to stay comparable with the first.
+time "$IGDMFAST" compare "${COMMON[@]}" --teacher $T --n-train 5000 --student tiny_mobilenet_cifar --methods ard --alpha 5 --epochs 3 --seed 1 --out $OUT/compare_seed1
