@@ -9,3 +9,4 @@ from .callback.adversarial import *
 from .learner import *
 from .callback.checkpoint import *
 from .evaluate import *
+from .distributed import *

@@ -139,7 +139,20 @@ class AdvExamples(Callback):
 
     def after_batch(self): self.x_nat = self.t_nat = None
 
-# %% ../../nbs/06_callback.adversarial.ipynb #dca42a5d
+# %% ../../nbs/06_callback.adversarial.ipynb #84050c5d
+def _sum_over_processes(stats:dict)->dict:
+    "Each `(sum, count)` of `stats` summed over the processes of a distributed run (unchanged in a single process)."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return stats
+    dev = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+    out = {}
+    for k, (s, n) in stats.items():   # every process logs the same keys in the same order
+        t = torch.stack([torch.as_tensor(s, dtype=torch.float64).to(dev).reshape(()), torch.tensor(float(n), dtype=torch.float64, device=dev)])
+        dist.all_reduce(t)
+        out[k] = (t[0].float(), int(t[1].item()))
+    return out
+
+# %% ../../nbs/06_callback.adversarial.ipynb #d5b08174
 class DistillStat(Metric):
     "A training-epoch average kept by `AdvDistill` (base loss, IGDM loss, IGDM weight), shown as a column."
     def __init__(self, key:str): self.key, self.cb = key, None
@@ -184,9 +197,12 @@ class AdvDistill(Callback):
         self.stats = {}
 
     def after_train(self):
+        self._restore_loss()
+        self.stats = _sum_over_processes(self.stats)   # a distributed fit logs the components of every shard
+    def _restore_loss(self):
         if hasattr(self, 'old_lf'): self.learn.loss_func = self.old_lf
-    def after_cancel_train(self): self.after_train()
-    def after_cancel_fit(self): self.after_train()
+    def after_cancel_train(self): self._restore_loss()
+    def after_cancel_fit(self): self._restore_loss()
 
     def before_batch(self):
         "The teacher outputs this step needs, in one batched call: T(x), T(x′) = T(x+δ), T(x−δ)."
