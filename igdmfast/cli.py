@@ -93,7 +93,7 @@ def _check_model_name(name, flag):
         raise CLIError(f"Unknown model {name!r} for {flag}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
                        "tiny_resnet_cifar, resnet18_cifar, mobilenetv2_cifar, wrn34_10, or any timm model.")
 
-# %% ../nbs/10_cli.ipynb #c5c1e9fa
+# %% ../nbs/10_cli.ipynb #af84303f
 RUN_MARKERS = ('config.json', 'checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'metrics.json', 'compare.json')
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed', 'bf16')
@@ -137,15 +137,7 @@ def _claim_run_folder(out, cfg, resume=False, force=False):
     _write_json(out/'config.json', cfg)
     return out
 
-def _trim_history(path, start):
-    "Keep only the rows of epochs before `start` in a CSVLogger file, so a resumed run appends without duplicates."
-    path = Path(path)
-    if not path.is_file(): return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = lines[:1] + [l for l in lines[1:] if l.split(',', 1)[0].strip().isdigit() and int(l.split(',', 1)[0]) < start]
-    path.write_text(''.join(keep))
-
-# %% ../nbs/10_cli.ipynb #8e5d59a5
+# %% ../nbs/10_cli.ipynb #7ada5ec4
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
     if not resume or not Path(path).is_file(): return 0
@@ -166,16 +158,19 @@ def _schedule(protocol='fastai', milestones=None, epochs=10):
             raise CLIError(f"--milestones must lie between 0 and --epochs ({epochs}), got {milestones!r}.")
     return dict(protocol=protocol, milestones=ms, lr=PROTOCOLS[protocol]['lr'])
 
+def _set_milestones(learn, epochs, sched):
+    "Give the learner's `StepLR` the schedule's decay epochs, as fractions that it rounds back to exactly these epochs."
+    from igdmfast.learner import StepLR
+    if not sched['milestones']: return
+    for cb in learn.cbs:
+        if isinstance(cb, StepLR): cb.milestones = [(m + 0.5) / epochs for m in sched['milestones']]
+
 def _fit(learn, epochs, ckpt, resume, sched=None):
     "Train for `epochs` with the schedule `sched`, continuing from the checkpoint `ckpt` when resuming; returns (first epoch, seconds)."
-    from igdmfast.learner import StepLR
     sched = sched or dict(protocol='fastai', milestones=None)
-    if sched['milestones']:
-        for cb in learn.cbs:   # the paper's decay epochs, as fractions StepLR rounds back to exactly these epochs
-            if isinstance(cb, StepLR): cb.milestones = [(m + 0.5) / epochs for m in sched['milestones']]
+    _set_milestones(learn, epochs, sched)
     start = _resume_point(learn, ckpt, resume)
-    csv = getattr(learn, 'csv_logger', None)
-    if start and csv is not None: _trim_history(Path(learn.path)/csv.fname, start); csv.append = True
+    # a resumed fit rewrites the CSV history from the start: `Checkpoint` replays the finished epochs' lines
     if start >= epochs: return start, 0.   # the run had finished: nothing left to train
     t = time.time()
     # several processes (accelerate launch / torchrun): fastai's distrib_ctx wraps the student in DDP and shards the
