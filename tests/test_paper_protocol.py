@@ -37,24 +37,12 @@ def test_rows_cover_both_tables():
     assert len({r.name for r in rows}) == len(rows)   # one run folder per row
 
 
-def trained(row):
-    """Whether the dry run of `row` trains: each method with and without IGDM once, on ResNet-18 for every other method
-    and on MobileNetV2 for the rest (the other rows' configurations are built and checked without training)."""
-    return row.student == ('resnet18' if paper.METHODS.index(row.method) % 2 == 0 else 'mobilenetv2')
-
-
-def test_trained_rows_cover_every_method_student_and_igdm():
-    rows = [r for r in paper.rows() if trained(r)]
-    assert {(r.method, r.igdm) for r in rows} == {(m, ig) for m in paper.METHODS for ig in (False, True)}
-    assert {r.student for r in rows} == {'resnet18', 'mobilenetv2'}
-
-
 @pytest.mark.parametrize('row', paper.rows(), ids=lambda r: r.name)
 def test_dry_run(row, teachers):
     file, model = teachers[row.teacher]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = paper.dry_run(row, file, teacher=model, n_batches=2 if trained(row) else 0)
-    if trained(row): assert len(res['losses']) == 2 and all(math.isfinite(l) for l in res['losses']), res
+    res = paper.dry_run(row, file, teacher=model)
+    assert len(res['losses']) == 2 and all(math.isfinite(l) for l in res['losses']), res
     assert res['alpha'] == (paper.ALPHA_TABLE[('cifar100', row.student, row.teacher)][row.method] if row.igdm else None)
     assert res['opt'] == 'Optimizer' and res['lr'] == 0.1 and res['epochs'] == row.epochs
     assert res['milestones'] == list(row.milestones)   # the decays land on exactly the paper's epochs

@@ -83,7 +83,7 @@ def _two_batches(losses, n_batches):
 
 
 def dry_run(row, teacher_file, n_batches=2, bs=2, device='cpu', teacher=None):
-    "Build `row`'s exact configuration from its command line, with a stand-in teacher and CIFAR-100-shaped data; train `n_batches` (0: build only)."
+    "Build `row`'s exact configuration from its command line, with a stand-in teacher and CIFAR-100-shaped data; train `n_batches`."
     from igdmfast import cli
     from igdmfast.data import synth_dls
     from igdmfast.learner import distill_learner, StepLR
@@ -92,16 +92,14 @@ def dry_run(row, teacher_file, n_batches=2, bs=2, device='cpu', teacher=None):
     sched = cli._schedule(args.protocol, args.milestones, args.epochs)
     if teacher is None: teacher = cli._teacher_arg(args.teacher, device, args.teacher_arch)   # ... the teacher loads ...
     else: assert (Path(args.teacher), args.teacher_arch) == (Path(teacher_file), teacher.pretrained_cfg['architecture'])
-    dls = synth_dls(n_train=max(n_batches, 1) * bs, n_valid=bs, n_classes=100, bs=bs, device=device)
+    dls = synth_dls(n_train=n_batches * bs, n_valid=bs, n_classes=100, bs=bs, device=device)
     dls.name = 'cifar100'
     student = cli._model_arg(args.student, dls)
     learn = distill_learner(teacher, student, dls, method=args.method, igdm=args.igdm, alpha=args.alpha, threat=threat,
                             check_teacher=False, **cli._learner_opts(False, args.lr, sched))
     losses = []
     learn.add_cb(_two_batches(losses, n_batches))
-    if n_batches:
-        with learn.no_bar(), learn.no_logging(): cli._fit(learn, args.epochs, Path(teacher_file).parent/'none.pt', False, sched)
-    else: cli._set_milestones(learn, args.epochs, sched); learn.create_opt()
+    with learn.no_bar(), learn.no_logging(): cli._fit(learn, args.epochs, Path(teacher_file).parent/'none.pt', False, sched)
     step = [cb for cb in learn.cbs if isinstance(cb, StepLR)]
     return dict(losses=losses, alpha=learn.alpha, lr=learn.lr, epochs=args.epochs, threat=threat, opt=type(learn.opt).__name__,
                 milestones=[int(m * args.epochs) for m in step[0].milestones] if step else None,
