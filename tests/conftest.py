@@ -1,11 +1,12 @@
-"Shared test settings: under pytest-xdist each worker (and every process it starts) uses one CPU thread."
+"Shared test settings: every test process (and every process it starts) uses one CPU thread."
 import os
+import torch
 
-if os.environ.get('PYTEST_XDIST_WORKER'):
-    # two workers with two OpenMP threads each would oversubscribe a 2-core machine and spin
-    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
-    import torch
-    torch.set_num_threads(1)
+# The tests use small models on a shared 2-core machine, where contending OpenMP threads only spin (several times
+# slower), and two xdist workers with two threads each would oversubscribe it. One thread also keeps CPU reductions
+# in the same order in every process, which the bit-for-bit resume tests rely on.
+os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
+torch.set_num_threads(1)
 
 
 # The longest files first, so that with `pytest -n 2 --dist loadfile` they start at once instead of ending alone.

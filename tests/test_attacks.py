@@ -10,15 +10,6 @@ from igdmfast.core import seed_everything, ThreatModel
 from igdmfast.attacks import pgd, fgsm, cw_linf, autoattack
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One CPU thread: on a shared machine contending threads make these small models several times slower."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def digits_model():
     "A small CNN trained on 1,400 real handwritten digits (8x8), evaluated on the 397 others."

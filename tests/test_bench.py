@@ -12,14 +12,6 @@ import bench_step, bench_efficiency, bench_eval   # noqa: E402
 from _common import models, images   # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize('method', ['rslad', 'adaad'])
 def test_reference_and_igdmfast_same_math(method):
     "One step each from the same weights, batch and seed, in float64: the same x′, loss and gradients."

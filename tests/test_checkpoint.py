@@ -171,14 +171,6 @@ def drive(mode, out, env=None, timeout=300):
 
 posix_only = pytest.mark.skipif(os.name != 'posix' or not hasattr(os, 'fork'), reason='needs SIGKILL and fork')
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     "The reference: the whole fit in one go (in this process)."

@@ -34,14 +34,6 @@ from igdmfast.models import load_teacher, small_cnn
 THREAT = ThreatModel(eps=0.1, step_size=0.05, n_steps=2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cnn(width=8, num_classes=10): return small_cnn(num_classes=num_classes, in_chans=1, width=width)
 
 

@@ -41,12 +41,9 @@ RESULTS = {}
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_thread_and_report():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def report():
     t0 = time.perf_counter()
     yield
-    torch.set_num_threads(n)
     print(f"\n\n{'model':<24}{'clean':>8}{'PGD-20':>8}{'GC':>8}{'train s':>9}")
     for k, r in RESULTS.items():
         print(f"{k:<24}{r['clean']:>8.3f}{r['robust']:>8.3f}{r.get('gc', float('nan')):>8.3f}{r['time']:>9.1f}")

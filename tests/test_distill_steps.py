@@ -32,15 +32,6 @@ THREAT = ThreatModel(eps=EPS, step_size=STEP, n_steps=K)
 METHOD_NAMES = ('pgd_at', 'trades', 'ard', 'iad', 'akd', 'rslad', 'adaad')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny ops on a shared CPU: torch's thread pool only adds contention (about 10x slower under load)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------ models and data
 
 class Net(nn.Module):

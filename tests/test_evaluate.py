@@ -28,15 +28,6 @@ EPS_CURVE = [0, 8/255, 16/255, 32/255]
 MASKING = 'random noise|does not fall'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One CPU thread: on a shared machine two contending threads make these small models several times slower."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cnn():
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -14,13 +14,6 @@ import igdmfast.models  # noqa: F401
 CIFAR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10_subset.npz'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_autoattack_equals_direct_pyautoattack_call():
     "robust_eval's AA column is exactly what pyautoattack returns for the same model, samples and seed."
     from pyautoattack import AutoAttack

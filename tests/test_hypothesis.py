@@ -24,14 +24,6 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=N
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def outcome(f):
     "`(result, None)`, or `(None, error)` for a ValueError/TypeError raised by igdmfast itself; anything else fails the test."
     with warnings.catch_warnings():

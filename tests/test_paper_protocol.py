@@ -9,13 +9,6 @@ spec = importlib.util.spec_from_file_location('paper', ROOT / 'experiments' / 'p
 paper = importlib.util.module_from_spec(spec); sys.modules['paper'] = paper; spec.loader.exec_module(paper)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def teachers(tmp_path_factory):
     "Stand-in teachers of the right architectures, saved as bare state dicts like RobustBench's files, loaded once."

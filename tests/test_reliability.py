@@ -36,14 +36,6 @@ from igdmfast.evaluate import robust_eval, grad_alignment, accuracy_vs_eps, tayl
 THREAT = ThreatModel(eps=0.1, step_size=0.05, n_steps=2)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def dls():
     return get_dls('digits', n_train=64, n_valid=32, bs=32, device='cpu')

@@ -33,14 +33,6 @@ from igdmfast.learner import distill_learner
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------ shared inputs
 
 @functools.cache
