@@ -197,6 +197,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'igdmfast.cli._clear_run': ('cli.html#_clear_run', 'igdmfast/cli.py'),
                               'igdmfast.cli._common': ('cli.html#_common', 'igdmfast/cli.py'),
                               'igdmfast.cli._compare_table': ('cli.html#_compare_table', 'igdmfast/cli.py'),
+                              'igdmfast.cli._curve_radii': ('cli.html#_curve_radii', 'igdmfast/cli.py'),
                               'igdmfast.cli._device': ('cli.html#_device', 'igdmfast/cli.py'),
                               'igdmfast.cli._distill': ('cli.html#_distill', 'igdmfast/cli.py'),
                               'igdmfast.cli._distill_options': ('cli.html#_distill_options', 'igdmfast/cli.py'),

@@ -366,7 +366,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
              step:float|None=None, # attack step size in 1/255 units (default eps/4)
              teacher:str|None=None, # a teacher checkpoint: adds GD and GC against it
              arch:str|None=None, # architecture, for plain state dicts without one
-             curve:bool=False, # also measure and plot PGD-20 accuracy against eps (0 to 16/255)
+             curve:bool=False, # also measure and plot PGD-20 accuracy against eps (0 to twice --eps)
              bs:int=128, # batch size
              seed:int=0, # seed of the subset and of the attacks
              out:str='runs/eval', # report folder
@@ -393,7 +393,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     plots = []
     if curve:
-        c = accuracy_vs_eps(m, dls.valid, n=n, seed=seed)
+        c = accuracy_vs_eps(m, dls.valid, eps_list=_curve_radii(threat.eps), n=n, seed=seed)
         plots.append(plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name)
     save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
                 notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}.")
@@ -422,6 +422,11 @@ def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     if title: fig.suptitle(title)
     fig.tight_layout(); fig.savefig(path, dpi=110)
     return Path(path)
+
+def _curve_radii(eps:float # the threat model's radius, on the [0,1] scale
+               )->tuple:
+    "The radii of the accuracy-vs-eps curve: 0 to twice `eps` (at 8/255 the default grid, 0, 2, ..., 16/255)."
+    return tuple(eps * k / 8 for k in (0, 2, 4, 6, 8, 12, 16))
 
 def _variant_dir(method, igdm): return f"{method}_igdm" if igdm else method
 
@@ -513,7 +518,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
             al = grad_alignment(model, t_model, dls.valid, seed=seed)
             r.update(gd=al['gd'], gc=al['gc'], per_sample_gc=[float(v) for v in al['per_sample_gc']])
         if n_curve:
-            c = accuracy_vs_eps(model, dls.valid, n=n_curve, seed=seed, progress=False)
+            c = accuracy_vs_eps(model, dls.valid, eps_list=_curve_radii(threat.eps), n=n_curve, seed=seed, progress=False)
             r['curve'] = dict(eps=[float(e) for e in c.eps], acc=[float(a) for a in c.accuracy], noise=[float(a) for a in c.noise])
         _write_json(f, r)
         return r
@@ -618,7 +623,7 @@ def _parser():
     e.add_argument('--step', type=float, default=None, help='attack step size in 1/255 units (default: eps/4)')
     e.add_argument('--teacher', default=None, help='teacher checkpoint: adds GD and GC against it')
     e.add_argument('--arch', default=None, help='architecture, for plain state dicts that do not record one')
-    e.add_argument('--curve', action='store_true', help='also plot PGD-20 accuracy against eps from 0 to 16/255')
+    e.add_argument('--curve', action='store_true', help='also plot PGD-20 accuracy against eps from 0 to twice --eps (16/255 at 8/255)')
     e.add_argument('--bs', type=int, default=128, help='batch size')
     e.add_argument('--seed', type=int, default=0, help='seed of the subset and of the attacks')
     e.add_argument('--out', default='runs/eval', help='report folder')

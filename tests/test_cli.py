@@ -99,11 +99,20 @@ def test_compare_writes_both_rows_and_plots(tmp_path, teacher_pt):
         assert w > 1.8 * h, (f, w, h)   # two panels side by side
     for v in ('ard', 'ard_igdm', 'rslad', 'rslad_igdm'):
         assert (out / v / 'student.pt').exists() and (out / v / 'history.csv').exists()
+        curve = json.loads((out / v / 'result.json').read_text())['curve']   # at --eps 8: 0 to 16/255
+        assert curve['eps'] == pytest.approx([k / 255 for k in (0, 2, 4, 6, 8, 12, 16)], abs=1e-12), curve['eps']
     h0 = (out / 'ard' / 'history.csv').read_text().splitlines()
     h1 = (out / 'ard_igdm' / 'history.csv').read_text().splitlines()
     assert len(h0) == len(h1) == 3
     again = run(*args, '--resume')   # a finished comparison resumes without training anything
     assert again.returncode == 0 and again.stdout.count('finished earlier') == 4, again.stdout[-2000:]
+
+
+def test_curve_radii_span_twice_the_threat_radius():
+    "The accuracy-vs-eps radii follow --eps: MNIST's 0.3 gets 0 to 0.6, not CIFAR's 0 to 16/255."
+    from igdmfast.cli import _curve_radii
+    assert _curve_radii(0.3) == pytest.approx([0, 0.075, 0.15, 0.225, 0.3, 0.45, 0.6], abs=1e-12)
+    assert _curve_radii(8 / 255) == tuple(k / 255 for k in (0, 2, 4, 6, 8, 12, 16))
 
 
 def test_seeded_runs_repeat(tmp_path, small_run):

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # The same on MNIST (shared/data/mnist.npz) in the classic setting: Linf eps 0.3 (= 76.5/255), step 0.075, 10 steps.
 # Resumable: rerun this script after an interruption. Run from anywhere: `bash experiments/mnist/run.sh`.
+# The teacher (small_cnn, PGD-AT) sees a seeded class-balanced 10,000 of the 60,000 training images, each student a
+# seeded 5,000, for 3 epochs; evaluation on a seeded 1,000-image test subset, AutoAttack (standard) on 100 of them.
+# After the teacher, two lanes run side by side (one per CPU core, one thread each); logs in experiments/mnist/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 IGDMFAST=${IGDMFAST:-.venv/bin/igdmfast}
 DATA=${DATA:-../shared/data/mnist.npz}
 OUT=experiments/mnist
-COMMON=(--data "$DATA" --eps 76.5 --steps 10 --bs 128 --n-train 10000 --n-valid 1000 --n-aa 100 --resume)
-time "$IGDMFAST" teacher "${COMMON[@]}" --arch small_cnn --method pgd_at --epochs 6 --seed 0 --out $OUT/teacher
+export MPLBACKEND=Agg OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+COMMON=(--data "$DATA" --eps 76.5 --steps 10 --bs 128 --n-valid 1000 --n-aa 100 --resume)
+STUDENT=(--student tiny_mobilenet_cifar --n-train 5000 --epochs 3)
+time "$IGDMFAST" teacher "${COMMON[@]}" --n-train 10000 --arch small_cnn --method pgd_at --epochs 6 --seed 0 --out $OUT/teacher
 T=$OUT/teacher/teacher.pt
-time "$IGDMFAST" compare "${COMMON[@]}" --teacher $T --student tiny_mobilenet_cifar --methods ard,rslad,adaad --epochs 3 --seed 0 --out $OUT/compare
-time "$IGDMFAST" train "${COMMON[@]}" --teacher $T --student tiny_mobilenet_cifar --method pgd_at --no-igdm --epochs 3 --seed 0 --out $OUT/pgd_at
-time "$IGDMFAST" compare "${COMMON[@]}" --teacher $T --student tiny_mobilenet_cifar --methods ard --epochs 3 --seed 1 --out $OUT/compare_seed1
+lane_a() {  # ARD and RSLAD with and without IGDM, then the PGD-AT student
+  "$IGDMFAST" compare "${COMMON[@]}" "${STUDENT[@]}" --teacher $T --methods ard,rslad --seed 0 --out $OUT/compare
+  "$IGDMFAST" train "${COMMON[@]}" "${STUDENT[@]}" --teacher $T --method pgd_at --no-igdm --seed 0 --out $OUT/pgd_at
+}
+lane_b() {  # AdaAD with and without IGDM, then the second seed of ARD
+  "$IGDMFAST" compare "${COMMON[@]}" "${STUDENT[@]}" --teacher $T --methods adaad --seed 0 --out $OUT/compare_adaad
+  "$IGDMFAST" compare "${COMMON[@]}" "${STUDENT[@]}" --teacher $T --methods ard --seed 1 --out $OUT/compare_seed1
+}
+time (lane_a > $OUT/lane_a.log 2>&1 & a=$!; lane_b > $OUT/lane_b.log 2>&1 & b=$!; ra=0; wait $a || ra=$?; rb=0; wait $b || rb=$?
+      [ $ra = 0 ] && [ $rb = 0 ] || { echo "a lane failed (exit $ra, $rb): see $OUT/lane_a.log and $OUT/lane_b.log"; exit 1; })
