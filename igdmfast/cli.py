@@ -344,6 +344,11 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
     cfg = dict(command='teacher', data=data, arch=arch, teacher_method=method, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps,
                step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
     out = _claim_run_folder(out, cfg, resume, force) if _is_main() else Path(out)
+    if resume and _is_main() and (out/'teacher.pt').is_file() and (out/'metrics.json').is_file():
+        done = json.loads((out/'metrics.json').read_text())
+        if done.get('extra', {}).get('config', {}).get('n_aa') == n_aa:   # the same evaluation: nothing to redo
+            print(f"{out}: finished earlier (teacher.pt, metrics.json), kept.")
+            return done
     model, secs = _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16, sched)
     if not _is_main(): return {}   # rank 0 evaluates and writes the report
     name = f'teacher ({arch}, {method})'

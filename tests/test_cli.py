@@ -77,6 +77,23 @@ def test_teacher_command(teacher_pt):
     assert n['clean'] > 30 and n['pgd20'] <= n['clean'], n
 
 
+def test_resumed_finished_teacher_keeps_its_evaluation(tmp_path, teacher_pt):
+    "A finished teacher resumed with the same settings is neither trained nor evaluated again; another --n-aa re-evaluates."
+    import shutil
+    out = tmp_path / 'teacher'
+    shutil.copytree(teacher_pt.parent, out)
+    before = {f: (out / f).read_bytes() for f in ('teacher.pt', 'metrics.json', 'report.md')}
+    r = run('teacher', *FAST, '--epochs', '3', '--out', str(out), '--resume')
+    assert r.returncode == 0 and 'finished earlier' in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'Evaluating' not in r.stdout and all((out / f).read_bytes() == b for f, b in before.items())
+    fast = [a for a in FAST if a not in ('--n-aa', '0')]
+    r = run('teacher', *fast, '--n-aa', '4', '--epochs', '3', '--out', str(out), '--resume')
+    assert r.returncode == 0 and 'finished earlier' not in r.stdout and 'Evaluating' in r.stdout, r.stdout[-2000:]
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['extra']['config']['n_aa'] == 4 and m['models']['teacher (small_cnn, pgd_at)']['numbers']['aa'] is not None
+    assert (out / 'teacher.pt').read_bytes() == before['teacher.pt']
+
+
 def test_compare_writes_both_rows_and_plots(tmp_path, teacher_pt):
     "Two methods with and without IGDM: the paper's layout, compare.json, side-by-side plots, resumable."
     args = ('compare', *FAST, '--epochs', '2', '--methods', 'ard,rslad', '--teacher', str(teacher_pt), '--n-curve', '40',
