@@ -22,10 +22,13 @@ lane_b() {  # AdaAD with and without IGDM, then the second seed of ARD
   "$IGDMFAST" compare "${COMMON[@]}" "${STUDENT[@]}" --teacher $T --methods adaad --seed 0 --out $OUT/compare_adaad
   "$IGDMFAST" compare "${COMMON[@]}" "${STUDENT[@]}" --teacher $T --methods ard --seed 1 --out $OUT/compare_seed1
 }
-time (lane_a > $OUT/lane_a.log 2>&1 & a=$!; lane_b > $OUT/lane_b.log 2>&1 & b=$!; ra=0; wait $a || ra=$?; rb=0; wait $b || rb=$?
-      [ $ra = 0 ] && [ $rb = 0 ] || { echo "a lane failed (exit $ra, $rb): see $OUT/lane_a.log and $OUT/lane_b.log"; exit 1; })
+side_by_side() {  # run two commands at once (one per core); fail if either fails, pointing at its log
+  $1 > $OUT/$3.log 2>&1 & local a=$!; $2 > $OUT/$4.log 2>&1 & local b=$!; local ra=0 rb=0
+  wait $a || ra=$?; wait $b || rb=$?
+  [ $ra = 0 ] && [ $rb = 0 ] || { echo "failed (exit $ra, $rb): see $OUT/$3.log and $OUT/$4.log"; exit 1; }
+}
+time side_by_side lane_a lane_b lane_a lane_b
 # AutoAttack (standard) on a seeded 500 of the 10,000 test images for the ARD pair of seed 0 (the other rows: 100).
-aa500() { [ -f $OUT/aa500/$1/metrics.json ] || "$IGDMFAST" eval $OUT/compare/$1/student.pt --data "$DATA" --eps 76.5 --attacks aa --n 500 --out $OUT/aa500/$1 > $OUT/aa500_$1.log 2>&1; }
-mkdir -p $OUT/aa500
-time (aa500 ard & a=$!; aa500 ard_igdm & b=$!; ra=0; wait $a || ra=$?; rb=0; wait $b || rb=$?
-      [ $ra = 0 ] && [ $rb = 0 ] || { echo "AutoAttack on 500 failed (exit $ra, $rb): see $OUT/aa500_*.log"; exit 1; })
+aa500() { [ -f $OUT/aa500/$1/metrics.json ] || "$IGDMFAST" eval $OUT/compare/$1/student.pt --data "$DATA" --eps 76.5 --attacks aa --n 500 --out $OUT/aa500/$1; }
+aa_ard() { aa500 ard; }; aa_ard_igdm() { aa500 ard_igdm; }
+time side_by_side aa_ard aa_ard_igdm aa500_ard aa500_ard_igdm
