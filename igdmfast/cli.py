@@ -400,8 +400,11 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     if curve:
         c = accuracy_vs_eps(m, dls.valid, eps_list=_curve_radii(threat.eps), n=n, seed=seed)
         plots.append(plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name)
+    cfg = dict(command='eval', model=str(model), data=data, attacks=names, n=n, eps=eps, step=step, teacher=teacher,
+               arch=arch, curve=curve, bs=bs, seed=seed, device=dev, versions=_versions())
     save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
-                notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}.")
+                notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}.",
+                extra=dict(config=cfg))
     _print_table({name: dict(res)}, aligned)
     for w in res.warnings: print(f"warning: {w}")
     print(f"Report: {out/'report.md'}")

@@ -188,6 +188,9 @@ def test_eval_command(tmp_path, small_run, teacher_pt):
     for f in ('metrics.json', 'report.md', 'acc_vs_eps.png'): assert (tmp_path / 'e' / f).exists(), f
     m = json.loads((tmp_path / 'e' / 'metrics.json').read_text())['models']['student.pt']['numbers']
     assert m['pgd20'] <= m['clean'] and -1 <= m['gc'] <= 1 and m['gd'] >= 0, m
+    cfg = json.loads((tmp_path / 'e' / 'metrics.json').read_text())['extra']['config']   # the report says how it was made
+    assert cfg['command'] == 'eval' and cfg['n'] == 64 and cfg['attacks'] == ['clean', 'fgsm', 'pgd20', 'cw'], cfg
+    assert set(cfg['versions']) >= {'igdmfast', 'torch', 'fastai', 'timm', 'python'}, cfg
     bad = run('eval', str(tmp_path / 'nope.pt'))
     assert bad.returncode == 2 and 'nope.pt' in bad.stderr and 'Traceback' not in bad.stderr
 
