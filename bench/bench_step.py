@@ -75,8 +75,9 @@ def lib_once(method, teacher, student, xb, yb, args, dev, dtype, seed, **opts):
 def ref_once(method, teacher, student, xb, yb, args, dev, dtype, seed, **kw):
     "One reference step in `dtype`: its loss, parameter gradients and x′."
     s, t, opt = ref_setup(copy.deepcopy(teacher).to(dtype), copy.deepcopy(student).to(dtype), method, dev)
-    torch.manual_seed(seed)
-    loss, x_adv = ref_run(method, s, t, opt, [(xb.to(dev, dtype), yb.to(dev))], args, step=False, **kw)[0]
+    torch.manual_seed(seed)   # the noise igdmfast draws from the same seed (in the batch's dtype), passed to the script's step
+    noise = torch.randn(xb.shape, device=dev, dtype=dtype)
+    loss, x_adv = ref_run(method, s, t, opt, [(xb.to(dev, dtype), yb.to(dev))], args, step=False, noise=noise, **kw)[0]
     return dict(loss=loss, x_adv=x_adv, grads={n: p.grad.detach().clone() for n, p in s.module.named_parameters()})
 
 

@@ -1,13 +1,19 @@
-"""The reference: one training step of RSLAD+IGDM and AdaAD+IGDM written the way the official IGDM scripts are
-(`rslad_IGDM_cifar100.py`, `adaad_IGDM_cifar100.py` and their `rslad_loss.py` inner loops, spec/METHOD.md a.2, b.6,
-b.7): a `DataParallel`-wrapped student, the attack loop written out, separate student forwards at x+δ and at x′,
-separate teacher calls (T(x) twice for RSLAD), S(x) computed even where its weight is 0 (AdaAD).
+"""The reference: one training step of RSLAD+IGDM and of AdaAD+IGDM written from the official IGDM scripts, not from
+igdmfast: the loops of `rslad_IGDM_cifar100.py` and `adaad_IGDM_cifar100.py` with the inner maximizations of their
+`rslad_loss.py` (`rslad_inner_loss_xadv`, `adaad_inner_loss`), at the commit of spec/METHOD.md (a.2, b.6, b.7).
 
-It imports nothing from igdmfast. Two deliberate alignments with igdmfast's math, so that both compute the same loss:
-- the random start x + 0.001·N(0,I) is clamped to [0,1] before the first forward (the scripts clamp only after the
-  first step; igdmfast never evaluates a model outside the image range);
-- the noise is drawn on the batch's device and in its dtype (the scripts draw float32 on the CPU and copy it to the GPU);
-- the IGDM ramp is `alpha * epoch / epochs` with the bench's `epochs` (the scripts hard-code 300 and 200).
+It imports nothing from igdmfast and keeps the scripts' order of operations: a `DataParallel`-wrapped student, the
+attack loop written out with `KLDivLoss(log_softmax(S), softmax(T))`, the start x + 0.001·N(0,I) used as it is (not
+clamped to [0,1], so the first gradient is taken there; the first step's `min/max` and `clamp` bring x′ back),
+separate student forwards at x+δ and at x′, separate teacher calls (T(x) twice for RSLAD), S(x) computed even where its
+weight is 0 (AdaAD), RSLAD's hand-written elementwise KL.
+
+Where it departs from the scripts, and why:
+- `noise`: the scripts draw `torch.randn(x.shape)` (float32, from torch's CPU generator) and copy it to the GPU; a
+  check passes the noise tensor so that both sides start from the same point (by default it is drawn the scripts' way);
+- `.cuda()` is the batch's device; the dtype is the models' (float64 for the equivalence checks);
+- the IGDM ramp is `alpha * epoch / epochs` (the scripts hard-code `epoch/300` and `epoch/200`);
+- RSLAD's CIFAR-100 factor 10 ("to keep consistent with CIFAR-10") is written `n_classes / 10`, 1 for 10 classes.
 """
 import torch
 import torch.nn as nn
@@ -17,11 +23,17 @@ import torch.nn.functional as F
 def kl_loss(a, b): return -a * b + torch.log(b + 1e-5) * b   # rslad_IGDM_cifar100.py
 
 
-def rslad_inner_loss_xadv(model, teacher_logits, x_natural, y, optimizer, step_size, epsilon, perturb_steps):
+def script_noise(x):
+    "The scripts' start noise: `torch.randn(x.shape)` on the CPU in float32, copied to the batch's device."
+    return torch.randn(x.shape).to(x.device)
+
+
+def rslad_inner_loss_xadv(model, teacher_logits, x_natural, y, optimizer, step_size, epsilon, perturb_steps, noise=None):
     "rslad_loss.py: maximize Σ KL(T(x) ‖ S(x′)) with the student in eval mode; returns S(x′) in train mode and x′."
     criterion_kl = nn.KLDivLoss(reduction='none')
     model.eval()
-    x_adv = (x_natural.detach() + 0.001 * torch.randn(x_natural.shape, device=x_natural.device, dtype=x_natural.dtype)).clamp(0, 1)
+    noise = script_noise(x_natural) if noise is None else noise
+    x_adv = x_natural.detach() + 0.001 * noise.detach()          # not clamped: the first forward may see -0.001 or 1.001
     for _ in range(perturb_steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
@@ -38,12 +50,13 @@ def rslad_inner_loss_xadv(model, teacher_logits, x_natural, y, optimizer, step_s
     return logits, x_adv
 
 
-def adaad_inner_loss(model, teacher_model, x_natural, step_size, steps, epsilon):
+def adaad_inner_loss(model, teacher_model, x_natural, step_size, steps, epsilon, noise=None):
     "rslad_loss.py: maximize Σ KL(T(x′) ‖ S(x′)), back-propagating through both, the student in eval mode."
     criterion_kl = nn.KLDivLoss(reduction='none')
     model.eval()
     teacher_model.eval()
-    x_adv = (x_natural.detach() + 0.001 * torch.randn(x_natural.shape, device=x_natural.device, dtype=x_natural.dtype)).clamp(0, 1)
+    noise = script_noise(x_natural) if noise is None else noise
+    x_adv = x_natural.detach() + 0.001 * noise.detach()          # not clamped, as above
     for _ in range(steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
@@ -58,14 +71,14 @@ def adaad_inner_loss(model, teacher_model, x_natural, step_size, steps, epsilon)
 
 
 def rslad_igdm_step(student, teacher, optimizer, X, y, alpha, epoch, epochs, epsilon=8/255, step_size=2/255, steps=10,
-                    n_classes=100, step=True, plus_at_x_adv=False):
+                    n_classes=100, step=True, plus_at_x_adv=False, noise=None):
     "One RSLAD+IGDM step of `rslad_IGDM_cifar100.py` (beta = gamma = 1); returns the loss (after `backward`) and x′."
     criterion_kl = nn.KLDivLoss(reduction='batchmean')
     student.train()
     with torch.no_grad():
         teacher_logits = teacher(X)
     adv_logits, inputs_adv = rslad_inner_loss_xadv(student, teacher_logits, X, y, optimizer, step_size=step_size,
-                                                   epsilon=epsilon, perturb_steps=steps)
+                                                   epsilon=epsilon, perturb_steps=steps, noise=noise)
     with torch.no_grad():
         delta = inputs_adv - X
         X_plus = inputs_adv if plus_at_x_adv else X + delta   # the same point; `plus_at_x_adv` only for the fp32 noise floor
@@ -90,11 +103,11 @@ def rslad_igdm_step(student, teacher, optimizer, X, y, alpha, epoch, epochs, eps
 
 
 def adaad_igdm_step(student, teacher, optimizer, X, y, alpha, epoch, epochs, epsilon=8/255, step_size=2/255, steps=10,
-                    n_classes=100, step=True, plus_at_x_adv=False):
+                    n_classes=100, step=True, plus_at_x_adv=False, noise=None):
     "One AdaAD+IGDM step of `adaad_IGDM_cifar100.py` (beta = gamma = 1, AdaAD_alpha = 1); returns the loss and x′."
     criterion_kl = nn.KLDivLoss(reduction='batchmean')
     student.train()
-    inputs_adv = adaad_inner_loss(student, teacher, X, step_size=step_size, steps=steps, epsilon=epsilon)
+    inputs_adv = adaad_inner_loss(student, teacher, X, step_size=step_size, steps=steps, epsilon=epsilon, noise=noise)
     optimizer.zero_grad()
     with torch.no_grad():
         delta = inputs_adv - X

@@ -51,7 +51,7 @@ def kl_objective(target_logits:Tensor)->Callable:
 
 OBJECTIVES = {'ce': ce_loss, 'cw': cw_margin}
 
-# %% ../nbs/01_attacks.ipynb #bd82bba6
+# %% ../nbs/01_attacks.ipynb #b64c2aa4
 def _flat_norm(t:Tensor)->Tensor: return t.flatten(1).norm(dim=1).view(-1, *[1]*(t.ndim-1))
 
 def project(delta:Tensor, # perturbation, shape (B, ...)
@@ -82,11 +82,11 @@ def random_start(x:Tensor, # clean images in [0,1]
                  threat:ThreatModel, # gives the norm, eps and the kind of start
                  generator:torch.Generator|None=None, # source of randomness (default: torch's global generator)
                 )->Tensor:
-    "A starting point near `x`: uniform in the ball, `x + 0.001·N(0,I)` (TRADES-style), or `x` itself; clamped to [0,1]."
+    "A starting point near `x`: uniform in the ball and clamped to [0,1], `x + 0.001·N(0,I)` as it is (TRADES-style), or `x`."
     kind, eps = threat.random_start, threat.eps
     if kind == 'none': return x.clone()
-    if kind == 'normal': delta = 0.001 * _randn(x, generator)
-    elif threat.norm == 'Linf': delta = (2 * _rand(x, generator) - 1) * eps
+    if kind == 'normal': return x + 0.001 * _randn(x, generator)   # neither clamped nor projected, as the official scripts
+    if threat.norm == 'Linf': delta = (2 * _rand(x, generator) - 1) * eps
     else:  # uniform in the L2 ball: uniform direction, radius eps·U^(1/d)
         d = x[0].numel()
         direction = _randn(x, generator)

@@ -93,9 +93,10 @@ DEFAULTS = dict(pgd_at={}, trades=dict(beta=6.0), ard=dict(temperature=1.0, kd_w
 def ref_attack(name, S, T, x, y, teacher_grad=True):
     """x′ of the method's inner maximization (spec b.1–b.7), drawn from torch's global generator like the library.
     `teacher_grad=False` detaches T(x′) in AdaAD's objective (what the library does; the spec back-propagates through it)."""
-    if START[name] == 'uniform': d = (2 * torch.rand(x.shape, dtype=x.dtype) - 1) * EPS
-    else: d = 0.001 * torch.randn(x.shape, dtype=x.dtype)
-    xa = (x + d.clamp(-EPS, EPS)).clamp(0, 1)
+    if START[name] == 'uniform':   # PGD-CE: uniform in the ball, clamped to [0,1] (attacks.PGD of the IGDM scripts)
+        xa = (x + ((2 * torch.rand(x.shape, dtype=x.dtype) - 1) * EPS).clamp(-EPS, EPS)).clamp(0, 1)
+    else:   # KL-type: x + 0.001·N(0,I), NOT clamped to [0,1]: the first gradient is taken there (trades.py, rslad_loss.py)
+        xa = x + 0.001 * torch.randn(x.shape, dtype=x.dtype)
     S.train(name == 'iad')                             # IAD attacks with BN batch statistics, every other method in eval
     with torch.no_grad():
         target = S(x) if name == 'trades' else T(x) if name == 'rslad' else None   # TRADES: eval-mode S(x)
