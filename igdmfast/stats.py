@@ -12,7 +12,7 @@ from .core import atomic_write
 
 # %% auto #0
 __all__ = ['COMPARE_METRICS', 'METRIC_LABELS', 'mean_ci', 'paired_diff', 'binomial_ci', 'accuracy_ci', 'eval_noise',
-           'effect_within_noise', 'is_accuracy', 'aggregate_compare', 'compare_markdown', 'plot_seeds']
+           'effect_within_noise', 'is_accuracy', 'n_images', 'aggregate_compare', 'compare_markdown', 'plot_seeds']
 
 # %% ../nbs/12_stats.ipynb #5ebb9b0c
 def _finite(values, what):
@@ -125,7 +125,7 @@ def effect_within_noise(diff_mean:float, # the mean paired difference IGDM − b
     d = _finite([diff_mean], 'diff_mean')[0]
     return abs(d) < eval_noise(accs, ns, conf)
 
-# %% ../nbs/12_stats.ipynb #e90d1dd5
+# %% ../nbs/12_stats.ipynb #5c7ec6e5
 COMPARE_METRICS = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'gd', 'gc', 'seconds_per_epoch') # the numbers of a `compare` row, in table order
 METRIC_LABELS = dict(clean='Clean', fgsm='FGSM', pgd20='PGD-20', cw='C&W∞', aa='AA', gd='GD', gc='GC', seconds_per_epoch='s/epoch') # their headings
 _ACC = re.compile(r'clean|fgsm|pgd\d*|cw\d*|aa|any')
@@ -135,10 +135,12 @@ def is_accuracy(metric:str # a key of a result row, e.g. 'pgd20', 'gd'
     "Whether `metric` is an accuracy in % over images (clean, fgsm, pgdK, cw(K), aa, any), which has a binomial interval."
     return bool(_ACC.fullmatch(str(metric)))
 
-def _n_of(row, metric):
-    "The number of images `row`'s `metric` was measured on (None when unknown)."
+def n_images(row:Mapping, # a result row: numbers plus image counts 'n' (every accuracy), 'n_aa' (AutoAttack), 'n_<metric>'
+             metric:str, # the accuracy, e.g. 'pgd20'
+            )->int|None:
+    "The number of images `row[metric]` was measured on: `n_<metric>`, else `n_aa` for 'aa', else `n` (None when unknown)."
     for k in (f'n_{metric}', 'n_aa' if metric == 'aa' else None, 'n'):
-        if k is not None and row.get(k) is not None: return int(row[k])
+        if k is not None and row.get(k) is not None and not isinstance(row[k], bool): return int(row[k])
     return None
 
 def _label(method, igdm): return f"{str(method).upper().replace('_', '-')}{' + IGDM' if igdm else ''}"
@@ -161,7 +163,7 @@ def _variant(rs, metrics, conf):
     "Per metric: seeds, values, the interval over seeds and the binomial interval of each accuracy."
     out = {}
     for m in metrics:
-        have = [(r['seed'], _num(r.get(m)), _n_of(r, m)) for r in rs if _num(r.get(m)) is not None]
+        have = [(r['seed'], _num(r.get(m)), n_images(r, m)) for r in rs if _num(r.get(m)) is not None]
         if not have: out[m] = None; continue
         e = dict(seeds=[s for s, _, _ in have], values=[v for _, v, _ in have], **mean_ci([v for _, v, _ in have], conf))
         if is_accuracy(m):
@@ -210,7 +212,7 @@ def aggregate_compare(rows:Sequence[Mapping], # one dict per (method, igdm, seed
             if not ss: per[k] = None; continue
             e = dict(seeds=ss, **paired_diff([_num(ig[s][k]) for s in ss], [_num(base[s][k]) for s in ss], conf))
             if is_accuracy(k):
-                pairs = [(_num(r[s][k]), _n_of(r[s], k)) for s in ss for r in (ig, base)]
+                pairs = [(_num(r[s][k]), n_images(r[s], k)) for s in ss for r in (ig, base)]
                 known = all(n is not None for _, n in pairs)
                 e['noise'] = eval_noise([a for a, _ in pairs], [n for _, n in pairs], conf) if known else None
                 e['n_images'] = sorted({n for _, n in pairs if n is not None})
