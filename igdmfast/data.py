@@ -17,9 +17,9 @@ from .core import check_images, seed_everything
 
 # %% auto #0
 __all__ = ['DATASETS', 'IMG_EXTS', 'TINY_IMAGENET_URL', 'crop_flip_params', 'crop_flip', 'random_crop_flip', 'default_augment',
-           'TensorImageDataset', 'TensorImageLoader', 'tensor_dls', 'synth_dls', 'stratified_subset', 'save_npz',
-           'load_npz', 'load_images', 'folder_to_arrays', 'tiny_imagenet_to_arrays', 'torchvision_to_arrays',
-           'get_data_dir', 'download_dataset', 'dataset_path', 'get_arrays', 'get_dls']
+           'TensorImageDataset', 'TensorImageLoader', 'LabelTypeError', 'tensor_dls', 'synth_dls', 'stratified_subset',
+           'save_npz', 'load_npz', 'load_images', 'folder_to_arrays', 'tiny_imagenet_to_arrays',
+           'torchvision_to_arrays', 'get_data_dir', 'download_dataset', 'dataset_path', 'get_arrays', 'get_dls']
 
 # %% ../nbs/04_data.ipynb #baceafb9
 DATASETS = {
@@ -86,7 +86,7 @@ def default_augment(name:str|None, # dataset name (see `DATASETS`), or None for 
     if in_chans == 3 and min(img_size) >= 32: return functools.partial(random_crop_flip, pad=4, flip=True)
     return None
 
-# %% ../nbs/04_data.ipynb #543a3bc0
+# %% ../nbs/04_data.ipynb #9fec9fa5
 def _to_unit(x:Tensor)->Tensor:
     "uint8 pixels to float in [0,1]; float images as float32."
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
@@ -95,28 +95,44 @@ class TensorImageDataset:
     "Images `x` (N, C, H, W; uint8 0–255 or float in [0,1]) and integer labels `y` (N,), held in memory as tensors."
     n_inp = 1
     def __init__(self, x:Tensor, # images (N, C, H, W) on the CPU, uint8 0–255 or float in [0,1]
-                 y:Tensor, # int64 labels (N,)
+                 y:Tensor|None, # int64 labels (N,); None for unlabeled images (a test set: `dls.test_dl`, `learn.predict`)
                  vocab=None, # class names, index = label (None: '0', '1', ... up to the largest label)
                  name:str='tensors', # a name for the data
                 ):
-        if len(x) != len(y): raise ValueError(f"x has {len(x)} images but y has {len(y)} labels.")
+        if y is not None and len(x) != len(y): raise ValueError(f"x has {len(x)} images but y has {len(y)} labels.")
         self.x, self.y, self.name = x, y, name
-        self.vocab = [str(v) for v in vocab] if vocab is not None else [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+        n = int(y.max()) + 1 if y is not None and len(y) else 0
+        self.vocab = [str(v) for v in vocab] if vocab is not None else [str(i) for i in range(n)]
 
     def __len__(self): return len(self.x)
-    def __getitem__(self, i): return _to_unit(self.x[i]), self.y[i]
+    def __getitem__(self, i): return (_to_unit(self.x[i]),) if self.y is None else (_to_unit(self.x[i]), self.y[i])
     @property
     def c(self): return len(self.vocab)
     @property
     def in_chans(self): return self.x.shape[1]
     @property
     def img_size(self): return tuple(self.x.shape[-2:])
-    def new_empty(self): return type(self)(self.x[:0], self.y[:0], vocab=self.vocab, name=self.name)
+    def new_empty(self): return type(self)(self.x[:0], None if self.y is None else self.y[:0], vocab=self.vocab, name=self.name)
     def __repr__(self):
         return (f"{type(self).__name__}({self.name!r}: {len(self)} images {self.in_chans}x{self.img_size[0]}x{self.img_size[1]} "
                 f"{str(self.x.dtype).replace('torch.', '')}, {self.c} classes)")
 
-# %% ../nbs/04_data.ipynb #ef9351ef
+# %% ../nbs/04_data.ipynb #71b74167
+def _as_dataset(items, vocab=None, name='tensors')->TensorImageDataset:
+    "A `TensorImageDataset` of `(x, y)`, or of unlabeled images (an array, a tensor, or a list of single images)."
+    if isinstance(items, (tuple, list)) and len(items) == 2 and all(isinstance(t, (Tensor, np.ndarray)) for t in items) \
+       and np.ndim(items[1]) == 1 and np.ndim(items[0]) >= 3 and len(items[0]) == len(items[1]):
+        x, y = items
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)): x, y = _as_images(x), _as_labels(y)
+        return TensorImageDataset(x, y, vocab=vocab, name=name)
+    if isinstance(items, (list, tuple)):
+        if not items: raise ValueError("No images given: pass an array or tensor of images, or a list of images.")
+        items = torch.stack([torch.as_tensor(np.asarray(i)) if not isinstance(i, Tensor) else i for i in items])
+    if not isinstance(items, (Tensor, np.ndarray)):
+        raise TypeError(f"Expected images as a tensor or array (N, C, H, W), a list of images, or a tuple (x, y); "
+                        f"got {type(items).__name__}.")
+    return TensorImageDataset(_as_images(items), None, vocab=vocab, name=name)
+
 def _as_augment(augment):
     if augment is None or augment is False: return None
     if augment is True: return functools.partial(random_crop_flip, pad=4, flip=True)
@@ -139,9 +155,7 @@ class TensorImageLoader(DataLoader):
                  device=None, # where batches go (None: where the data is, the CPU)
                  after_batch=None, # a function of the batch `(x, y)`, applied after the conversion and augmentation
                  **kwargs): # passed to fastai's `DataLoader` (e.g. `get_idxs`, `before_iter`)
-        if isinstance(dataset, (tuple, list)): dataset = TensorImageDataset(*dataset)
-        if not isinstance(dataset, TensorImageDataset):
-            raise TypeError(f"TensorImageLoader needs a TensorImageDataset or a tuple (x, y), got {type(dataset).__name__}.")
+        if not isinstance(dataset, TensorImageDataset): dataset = _as_dataset(dataset)
         if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1:
             raise ValueError(f"bs must be a positive integer, got {bs!r}.")
         self.augment, self.batch_tfm = _as_augment(augment), after_batch
@@ -162,13 +176,14 @@ class TensorImageLoader(DataLoader):
         for i in range(0, len(idxs), self.bs):
             b = idxs[i:i+self.bs]
             if self.drop_last and len(b) < self.bs: break
-            yield x.index_select(0, b), y.index_select(0, b)
+            yield (x.index_select(0, b),) if y is None else (x.index_select(0, b), y.index_select(0, b))
 
     def after_batch(self, b):
-        xb, yb = b
+        xb, *rest = b
         xb = _to_unit(xb)
         if self.augment is not None: xb = self.augment(xb, generator=getattr(self, 'aug_gen', None))
-        return (xb, yb) if self.batch_tfm is None else self.batch_tfm((xb, yb))
+        b = (xb, *rest)
+        return b if self.batch_tfm is None else self.batch_tfm(b)
 
     def __iter__(self):
         self.randomize()
@@ -179,6 +194,8 @@ class TensorImageLoader(DataLoader):
         self.after_iter()
 
     def new(self, dataset=None, cls=None, **kwargs):
+        if dataset is not None and not isinstance(dataset, TensorImageDataset):   # `dls.test_dl(items)`, `learn.predict(x)`
+            dataset = _as_dataset(dataset, vocab=self.vocab, name=self.name)
         if cls is None or issubclass(cls, TensorImageLoader):
             kwargs.setdefault('augment', self.augment); kwargs.setdefault('after_batch', self.batch_tfm)
         return super().new(dataset=dataset, cls=cls, **kwargs)
@@ -209,11 +226,36 @@ class TensorImageLoader(DataLoader):
         fig.tight_layout()
         return fig
 
+    def decode(self, b):
+        "Batches need no decoding (images stay in [0,1], labels are indices): the batch on the CPU."
+        return tuple(t.detach().cpu() if isinstance(t, Tensor) else t for t in b)
+
+    def decode_batch(self, b, max_n:int=9, full:bool=True):
+        "The first `max_n` samples of batch `b` as tuples: the image, then each label or prediction as its class name."
+        b = self.decode(b)
+        name = lambda t: self.vocab[int(t)] if t.ndim == 0 and not t.is_floating_point() and int(t) < len(self.vocab) else t
+        return [tuple(t[i] if k < self.n_inp else name(t[i]) for k, t in enumerate(b)) for i in range(min(len(b[0]), max_n))]
+
+    def show_results(self, b, out, max_n:int=9, ncols:int=9, figsize=None, **kwargs):
+        "Show images of batch `b` titled with the true class and the predicted class `out` (green if right, red if wrong)."
+        import matplotlib.pyplot as plt
+        xb, yb = self.decode(b)[:2]
+        pred = out.argmax(-1) if out.ndim == 2 else out
+        n = min(max_n, len(xb)); ncols = min(ncols, n); nrows = math.ceil(n / ncols)
+        fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (1.4*ncols, 1.7*nrows), squeeze=False)
+        for ax in axs.flat: ax.axis('off')
+        for ax, x, y, p in zip(axs.flat, xb[:n].float(), yb[:n], pred[:n].cpu()):
+            img = x.permute(1, 2, 0).numpy()
+            ax.imshow(img.clip(0, 1)) if img.shape[-1] == 3 else ax.imshow(img[..., 0], cmap='gray', vmin=0, vmax=1)
+            ax.set_title(f"{self.vocab[int(y)]}/{self.vocab[int(p)]}", fontsize=8, color='green' if int(y) == int(p) else 'red')
+        fig.tight_layout()
+        return fig
+
     def __repr__(self):
         return (f"{type(self).__name__}({self.dataset!r}, bs={self.bs}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
                 f"augment={_fn_repr(self.augment)}, device={self.device})")
 
-# %% ../nbs/04_data.ipynb #568402e0
+# %% ../nbs/04_data.ipynb #17fb5825
 def _default_device(): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 def _as_device(device)->torch.device:
@@ -254,29 +296,44 @@ def _as_images(x, name='x')->Tensor:
     check_images(t, name)  # values above 1: 'divide by 255' for 0–255 data
     return t
 
+class LabelTypeError(TypeError, ValueError):
+    "Labels that are not integer class indices (floats, strings, booleans): a bad input value, hence also a `ValueError`."
+
 def _as_labels(y, name='y')->Tensor:
     "`y` as a CPU int64 tensor of class indices (N,)."
     if isinstance(y, Tensor): t = y.detach().cpu()
     else:
         a = np.asarray(y)
         if a.dtype.kind not in 'biuf':
-            raise TypeError(f"{name} has dtype {a.dtype}; labels must be integer class indices. Map class names to "
+            raise LabelTypeError(f"{name} has dtype {a.dtype}; labels must be integer class indices. Map class names to "
                             "indices first, e.g. `names, y = np.unique(y, return_inverse=True)`.")
         t = torch.from_numpy(np.ascontiguousarray(a))
     if t.ndim != 1:
         hint = " (one-hot labels? use `y.argmax(1)`)" if t.ndim == 2 else ""
         raise ValueError(f"{name} has shape {tuple(t.shape)}; labels must be a 1-d array of class indices{hint}.")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} has dtype {t.dtype}; labels must be integer class indices 0..C-1. "
+        raise LabelTypeError(f"{name} has dtype {t.dtype}; labels must be integer class indices 0..C-1. "
                         "Convert with `.astype(np.int64)` (or `.long()`).")
     t = t.long()
     if len(t) and t.min() < 0:
         raise ValueError(f"{name} has negative labels (min {t.min().item()}); labels must be class indices 0..C-1.")
     return t
 
+def _check_classes(yt:Tensor, yv:Tensor):
+    "Refuse training labels of a single class, and validation labels that no training image has."
+    seen = set(yt.unique().tolist())
+    if len(yt) and len(seen) < 2:
+        raise ValueError(f"The training labels hold one class only (label {seen.pop()}): a classifier needs at least two "
+                         "classes, and every accuracy on such data would be 100%. Check the labels.")
+    unseen = sorted(set(yv.unique().tolist()) - seen)
+    if len(yt) and unseen:
+        raise ValueError(f"The validation labels include {', '.join(map(str, unseen[:10]))}, which no training image has "
+                         f"(training labels: {', '.join(map(str, sorted(seen)[:20]))}): the model would get an output for a "
+                         "class it never saw. Check the label files (or the split).")
+
 def _suggest_bs(n): return 1 << (max(n, 1).bit_length() - 1)  # the largest power of two <= n
 
-# %% ../nbs/04_data.ipynb #5e60b096
+# %% ../nbs/04_data.ipynb #0c5c1fcd
 def tensor_dls(x_train, # training images: numpy or torch, (N,H,W), (N,H,W,C) or (N,C,H,W); uint8 0–255 or float in [0,1]
                y_train, # training labels (N,), integer class indices
                x_valid, # validation images, same rules as `x_train`
@@ -298,6 +355,7 @@ def tensor_dls(x_train, # training images: numpy or torch, (N,H,W), (N,H,W,C) or
         if len(x) != len(y): raise ValueError(f"x_{s} has {len(x)} images but y_{s} has {len(y)} labels.")
     if xt.shape[1:] != xv.shape[1:]:
         raise ValueError(f"Training images are {tuple(xt.shape[1:])} (C, H, W) but validation images are {tuple(xv.shape[1:])}.")
+    _check_classes(yt, yv)
     n_max = int(max(yt.max(), yv.max())) + 1
     if class_names is None: vocab = [str(i) for i in range(n_max)]
     else:
@@ -355,7 +413,7 @@ def stratified_subset(y, # labels (N,) of the full set
     idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)])
     return np.sort(idx)
 
-# %% ../nbs/04_data.ipynb #15539793
+# %% ../nbs/04_data.ipynb #b5a1e35d
 def save_npz(path, # destination `.npz` file; its folder is created
              x_train, y_train, # training images (uint8 NHWC / NHW) and labels
              x_test=None, y_test=None, # test images and labels (optional)
@@ -376,18 +434,36 @@ def save_npz(path, # destination `.npz` file; its folder is created
         raise
     return path
 
+def _open_npz(path):
+    "`np.load(path)` without pickles, with one clear message for a file that is not a readable `.npz`."
+    import zipfile
+    try: return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}): it is corrupted, truncated or of another "
+                         "format. Write it again with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).") from None
+
 def load_npz(path)->dict:
     "The arrays of an `.npz` file in the shared layout: `x_train`, `y_train`, `x_test`, `y_test` (None if absent), `class_names`."
+    import zipfile
     path = Path(path).expanduser()
     if not path.is_file(): raise FileNotFoundError(f"No such .npz file: {path}")
-    with np.load(path, allow_pickle=False) as d:
+    with _open_npz(path) as d:
         keys = set(d.files)
         if not {'x_train', 'y_train'} <= keys:
             raise ValueError(f"{path} must hold arrays x_train and y_train (and x_test, y_test, class_names); it has {sorted(keys)}.")
         if ('x_test' in keys) != ('y_test' in keys):
             raise ValueError(f"{path} has only one of x_test and y_test; it needs both or neither.")
-        res = {k: (d[k] if k in keys else None) for k in ('x_train', 'y_train', 'x_test', 'y_test')}
-        res['class_names'] = [str(c) for c in d['class_names']] if 'class_names' in keys else None
+        try:
+            res = {k: (d[k] if k in keys else None) for k in ('x_train', 'y_train', 'x_test', 'y_test')}
+            res['class_names'] = [str(c) for c in d['class_names']] if 'class_names' in keys else None
+        except ValueError as e:
+            if 'allow_pickle' not in str(e): raise
+            raise ValueError(f"{path} holds Python objects (an object array), which igdmfast never loads: unpickling an "
+                             "untrusted file could run code. Save numeric arrays only (images as uint8 or float, labels as "
+                             "integers).") from None
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}): it is corrupted or truncated. "
+                             "Write it again with numpy.savez.") from None
     return res
 
 # %% ../nbs/04_data.ipynb #7145b948
