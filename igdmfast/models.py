@@ -16,11 +16,13 @@ from timm.models import register_model
 from .core import Normalize, normalized, atomic_save, _write_error
 
 # %% auto #0
-__all__ = ['MBV2_CIFAR_CFG', 'CIFAR_ARCHS', 'n_params', 'CifarNet', 'BasicBlock', 'CifarResNet', 'resnet18_cifar',
+__all__ = ['MBV2_CIFAR_CFG', 'DM_CIFAR10_MEAN', 'DM_CIFAR10_STD', 'DM_CIFAR100_MEAN', 'DM_CIFAR100_STD', 'CIFAR_ARCHS',
+           'ROBUSTBENCH_TEACHERS', 'n_params', 'CifarNet', 'BasicBlock', 'CifarResNet', 'resnet18_cifar',
            'tiny_resnet_cifar', 'SmallCNN', 'small_cnn', 'PreActBlock', 'PreActResNet', 'preactresnet18',
            'InvertedResidual', 'CifarMobileNetV2', 'mobilenetv2_cifar', 'tiny_mobilenet_cifar', 'WideBasic',
-           'NetworkBlock', 'WideResNet', 'wrn34_10', 'wrn28_10', 'cifar_stem', 'save_weights', 'CheckpointError',
-           'UnsafeCheckpointError', 'load_teacher']
+           'NetworkBlock', 'WideResNet', 'wrn34_10', 'wrn34_20', 'wrn28_10', 'DMBlock', 'DMBlockGroup', 'DMWideResNet',
+           'dm_wrn28_10', 'cifar_stem', 'save_weights', 'CheckpointError', 'UnsafeCheckpointError', 'load_teacher',
+           'robustbench_path']
 
 # %% ../nbs/03_models.ipynb #9706f943
 def n_params(model:nn.Module, # any module
@@ -29,7 +31,7 @@ def n_params(model:nn.Module, # any module
     "Number of parameters of `model` (each shared parameter counted once)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
-# %% ../nbs/03_models.ipynb #cbd885e8
+# %% ../nbs/03_models.ipynb #6b40f0ef
 class CifarNet(nn.Module):
     "Base of the CIFAR backbones: timm's model API around a body (`forward_features`) and one linear classifier."
     classifier_name = 'linear'  # attribute holding the classifier, as named in the reference code
@@ -40,6 +42,23 @@ class CifarNet(nn.Module):
         self.num_features, self.num_classes, self._head_bias = num_features, num_classes, bias
         head = nn.Linear(num_features, num_classes, bias=bias) if num_classes > 0 else nn.Identity()
         setattr(self, self.classifier_name, head)
+
+    def _init_norm(self, mean, std, in_chans):
+        "A fixed input normalization `(x-mean)/std` in non-persistent buffers (no state-dict keys); none when `mean` is None."
+        if (mean is None) != (std is None): raise ValueError("Give both mean and std (the input normalization), or neither.")
+        if mean is not None:
+            def vec(v): v = [float(o) for o in torch.as_tensor(v, dtype=torch.float64, device='cpu').flatten().tolist()]; return v*in_chans if len(v) == 1 else v
+            mean, std = vec(mean), vec(std)
+            if len(mean) != in_chans or len(std) != in_chans:
+                raise ValueError(f"mean and std need one value per input channel ({in_chans}), got {mean} and {std}.")
+            if min(std) <= 0: raise ValueError(f"std must be positive, got {std}.")
+            mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        self.register_buffer('mean', mean, persistent=False)
+        self.register_buffer('std', std, persistent=False)
+
+    def _normalize(self, x):
+        "`x` normalized with the model's fixed input normalization (unchanged when it has none)."
+        return x if getattr(self, 'mean', None) is None else (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward_features(self, x): raise NotImplementedError
     def forward_head(self, x, pre_logits:bool=False):
@@ -53,7 +72,7 @@ class CifarNet(nn.Module):
         if global_pool not in (None, 'avg'): raise ValueError(f"Only average pooling is supported, got global_pool={global_pool!r}.")
         self._init_head(self.num_features, num_classes, self._head_bias)
 
-# %% ../nbs/03_models.ipynb #e52b0629
+# %% ../nbs/03_models.ipynb #18653633
 _TIMM_EXTRAS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_strict')
 
 def _entry_options(name, pretrained, kwargs):
@@ -65,6 +84,12 @@ def _entry_options(name, pretrained, kwargs):
     to = {k: kwargs.pop(k) for k in ('device', 'dtype') if k in kwargs}
     if kwargs: raise TypeError(f"{name}() got unexpected option(s) {sorted(kwargs)}; see `help({name})` for what it accepts.")
     return to
+
+def _norm_args(mean, std):
+    "The constructor arguments that record a fixed input normalization (none when `mean` is None), as plain tuples."
+    if mean is None: return {}
+    def tup(v): return tuple(float(o) for o in torch.as_tensor(v, dtype=torch.float64, device='cpu').flatten().tolist())
+    return dict(mean=tup(mean), std=tup(std))
 
 def _finish(model, name, to, **args):
     "Attach timm's metadata (`pretrained_cfg`, `_model_args`) to a freshly built `model` and move it as asked."
@@ -180,7 +205,7 @@ class PreActBlock(nn.Module):
         sc = self.shortcut(out) if hasattr(self, 'shortcut') else x
         return self.conv2(F.relu(self.bn2(self.conv1(out)))) + sc
 
-# %% ../nbs/03_models.ipynb #9f3b8caa
+# %% ../nbs/03_models.ipynb #7f96f03c
 class PreActResNet(CifarNet):
     "Pre-activation ResNet for 32x32 images: 3x3 stem conv, `PreActBlock` stages, optional final BN-ReLU, linear."
     reduction = 8
@@ -188,8 +213,10 @@ class PreActResNet(CifarNet):
                  widths=(64, 128, 256, 512), # channels per stage
                  num_classes:int=10, in_chans:int=3,
                  bn_before_fc:bool=True, # final `bn` + ReLU before pooling (Rice et al., RobustBench `bn_before_fc=True`)
+                 mean=None, std=None, # fixed input normalization inside the model (None: none), as RobustBench's `mu`/`sigma`
                 ):
         super().__init__()
+        self._init_norm(mean, std, in_chans)
         self.reduction = 2**(len(layers)-1)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         ni = widths[0]
@@ -202,7 +229,7 @@ class PreActResNet(CifarNet):
         self._init_head(ni, num_classes)
 
     def forward_features(self, x):
-        x = self.conv1(x)
+        x = self.conv1(self._normalize(x))
         for i in range(self.n_stages): x = getattr(self, f'layer{i+1}')(x)
         return F.relu(self.bn(x)) if self.bn_before_fc else x
 
@@ -211,11 +238,13 @@ def preactresnet18(pretrained:bool=False, # no weights are bundled: must be Fals
                    num_classes:int=10, # number of classes
                    in_chans:int=3, # number of input channels
                    bn_before_fc:bool=True, # keep the final BN-ReLU before pooling
+                   mean=None, # per-channel mean of a fixed input normalization inside the model (None: none)
+                   std=None, # per-channel std of that normalization
                    **kwargs)->PreActResNet:
     "PreAct ResNet-18 (11,172,170 parameters for 10 classes; 11,171,146 without the final BN)."
     to = _entry_options('preactresnet18', pretrained, kwargs)
-    return _finish(PreActResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_chans, bn_before_fc), 'preactresnet18', to,
-                   num_classes=num_classes, in_chans=in_chans, bn_before_fc=bn_before_fc)
+    return _finish(PreActResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_chans, bn_before_fc, mean, std), 'preactresnet18', to,
+                   num_classes=num_classes, in_chans=in_chans, bn_before_fc=bn_before_fc, **_norm_args(mean, std))
 
 # %% ../nbs/03_models.ipynb #9c82421f
 class InvertedResidual(nn.Module):
@@ -317,7 +346,7 @@ class NetworkBlock(nn.Module):
         self.layer = nn.Sequential(*[WideBasic(ni if i == 0 else nf, nf, stride if i == 0 else 1, drop_rate) for i in range(n)])
     def forward(self, x): return self.layer(x)
 
-# %% ../nbs/03_models.ipynb #6a96bd03
+# %% ../nbs/03_models.ipynb #48df1e8c
 class WideResNet(CifarNet):
     "WideResNet-`depth`-`widen_factor` of TRADES/RobustBench, with their state-dict key names."
     classifier_name, reduction = 'fc', 4
@@ -325,9 +354,11 @@ class WideResNet(CifarNet):
                  sub_block1:bool=False, # build TRADES' unused `sub_block1` (only to load checkpoints that have it)
                  drop_rate:float=0., # dropout inside the blocks
                  bias_last:bool=True, # bias in the final linear layer
+                 mean=None, std=None, # fixed input normalization inside the model (None: none), as RobustBench's `mu`/`sigma`
                 ):
         super().__init__()
         if (depth - 4) % 6: raise ValueError(f"WideResNet depth must be 6n+4 (16, 22, 28, 34, 40, ...), got {depth}.")
+        self._init_norm(mean, std, in_chans)
         n, ch = (depth - 4)//6, [16, 16*widen_factor, 32*widen_factor, 64*widen_factor]
         self.conv1 = nn.Conv2d(in_chans, ch[0], 3, 1, 1, bias=False)
         self.block1 = NetworkBlock(n, ch[0], ch[1], 1, drop_rate)
@@ -342,14 +373,14 @@ class WideResNet(CifarNet):
             elif isinstance(m, nn.Linear) and m.bias is not None: nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = self.block3(self.block2(self.block1(self.conv1(self._normalize(x)))))
         return F.relu(self.bn1(x))
 
-# %% ../nbs/03_models.ipynb #925ac96e
-def _wrn(name, depth, pretrained, num_classes, in_chans, sub_block1, drop_rate, kwargs):
+# %% ../nbs/03_models.ipynb #ee1ca90c
+def _wrn(name, depth, widen, pretrained, num_classes, in_chans, sub_block1, drop_rate, mean, std, kwargs):
     to = _entry_options(name, pretrained, kwargs)
-    return _finish(WideResNet(depth, 10, num_classes, in_chans, sub_block1, drop_rate), name, to, num_classes=num_classes,
-                   in_chans=in_chans, sub_block1=sub_block1, drop_rate=drop_rate)
+    return _finish(WideResNet(depth, widen, num_classes, in_chans, sub_block1, drop_rate, mean=mean, std=std), name, to,
+                   num_classes=num_classes, in_chans=in_chans, sub_block1=sub_block1, drop_rate=drop_rate, **_norm_args(mean, std))
 
 @register_model
 def wrn34_10(pretrained:bool=False, # no weights are bundled: must be False
@@ -357,9 +388,23 @@ def wrn34_10(pretrained:bool=False, # no weights are bundled: must be False
              in_chans:int=3, # number of input channels
              sub_block1:bool=False, # add TRADES' unused `sub_block1` (for checkpoints saved with it)
              drop_rate:float=0., # dropout inside the blocks
+             mean=None, # per-channel mean of a fixed input normalization inside the model (None: none)
+             std=None, # per-channel std of that normalization
              **kwargs)->WideResNet:
     "WideResNet-34-10 of TRADES/RobustBench (46,160,474 parameters for 10 classes)."
-    return _wrn('wrn34_10', 34, pretrained, num_classes, in_chans, sub_block1, drop_rate, kwargs)
+    return _wrn('wrn34_10', 34, 10, pretrained, num_classes, in_chans, sub_block1, drop_rate, mean, std, kwargs)
+
+@register_model
+def wrn34_20(pretrained:bool=False, # no weights are bundled: must be False
+             num_classes:int=10, # number of classes
+             in_chans:int=3, # number of input channels
+             sub_block1:bool=False, # add TRADES' unused `sub_block1` (for checkpoints saved with it)
+             drop_rate:float=0., # dropout inside the blocks
+             mean=None, # per-channel mean of a fixed input normalization inside the model (None: none)
+             std=None, # per-channel std of that normalization
+             **kwargs)->WideResNet:
+    "WideResNet-34-20 of RobustBench (184,444,026 parameters for 10 classes): LTD's second CIFAR-10 teacher."
+    return _wrn('wrn34_20', 34, 20, pretrained, num_classes, in_chans, sub_block1, drop_rate, mean, std, kwargs)
 
 @register_model
 def wrn28_10(pretrained:bool=False, # no weights are bundled: must be False
@@ -367,12 +412,90 @@ def wrn28_10(pretrained:bool=False, # no weights are bundled: must be False
              in_chans:int=3, # number of input channels
              sub_block1:bool=False, # add TRADES' unused `sub_block1` (for checkpoints saved with it)
              drop_rate:float=0., # dropout inside the blocks
+             mean=None, # per-channel mean of a fixed input normalization inside the model (None: none)
+             std=None, # per-channel std of that normalization
              **kwargs)->WideResNet:
     "WideResNet-28-10 of TRADES/RobustBench (36,479,194 parameters for 10 classes)."
-    return _wrn('wrn28_10', 28, pretrained, num_classes, in_chans, sub_block1, drop_rate, kwargs)
+    return _wrn('wrn28_10', 28, 10, pretrained, num_classes, in_chans, sub_block1, drop_rate, mean, std, kwargs)
 
-# %% ../nbs/03_models.ipynb #6cf4c0c3
-CIFAR_ARCHS = ('resnet18_cifar', 'preactresnet18', 'mobilenetv2_cifar', 'wrn28_10', 'wrn34_10',
+# %% ../nbs/03_models.ipynb #e7c00dda
+DM_CIFAR10_MEAN, DM_CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+DM_CIFAR100_MEAN, DM_CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+_ACTIVATIONS = {'silu': F.silu, 'swish': F.silu, 'relu': F.relu}
+
+def _activation(name):
+    "The activation function called `name` ('silu'/'swish' or 'relu'), with a clear error otherwise."
+    if name not in _ACTIVATIONS: raise ValueError(f"Unknown activation {name!r}: use one of {list(_ACTIVATIONS)}.")
+    return _ACTIVATIONS[name]
+
+class DMBlock(nn.Module):
+    "DeepMind's pre-activation wide block: explicit `SAME` padding before a pad-free strided 3x3 conv, 1x1 `shortcut` when widths differ."
+    def __init__(self, ni, nf, stride, activation='silu'):
+        super().__init__()
+        if stride not in (1, 2): raise ValueError(f"DMBlock supports stride 1 or 2, got {stride}.")
+        self.act, self.stride = _activation(activation), stride
+        self.batchnorm_0 = nn.BatchNorm2d(ni)
+        self.conv_0 = nn.Conv2d(ni, nf, 3, stride, 0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(nf)
+        self.conv_1 = nn.Conv2d(nf, nf, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(ni, nf, 1, stride, 0, bias=False) if ni != nf else None
+
+    def forward(self, x):
+        o = self.act(self.batchnorm_0(x))
+        pad = (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1)  # TensorFlow's SAME for a 3x3 kernel
+        out = self.conv_1(self.act(self.batchnorm_1(self.conv_0(F.pad(o, pad)))))
+        return (x if self.shortcut is None else self.shortcut(o)) + out
+
+class DMBlockGroup(nn.Module):
+    "A stage of `n` `DMBlock`s, stored as `block` (DeepMind's key name)."
+    def __init__(self, n, ni, nf, stride, activation='silu'):
+        super().__init__()
+        self.block = nn.Sequential(*[DMBlock(ni if i == 0 else nf, nf, stride if i == 0 else 1, activation) for i in range(n)])
+    def forward(self, x): return self.block(x)
+
+# %% ../nbs/03_models.ipynb #fc039d67
+class DMWideResNet(CifarNet):
+    "DeepMind's WideResNet-`depth`-`width` (RobustBench `DMWideResNet`): SiLU, `SAME` padding, input normalization inside."
+    classifier_name, first_conv, reduction = 'logits', 'init_conv', 4
+    def __init__(self, depth:int=28, width:int=10, num_classes:int=10, in_chans:int=3,
+                 activation:str='silu', # 'silu' (= Swish, the BDM/IKL models) or 'relu'
+                 mean=DM_CIFAR10_MEAN, std=DM_CIFAR10_STD, # the input normalization inside the model (None: none)
+                ):
+        super().__init__()
+        if (depth - 4) % 6: raise ValueError(f"DMWideResNet depth must be 6n+4 (16, 22, 28, 34, 70, ...), got {depth}.")
+        self._init_norm(mean, std, in_chans)
+        n, ch = (depth - 4)//6, [16, 16*width, 32*width, 64*width]
+        self.init_conv = nn.Conv2d(in_chans, ch[0], 3, 1, 1, bias=False)
+        self.layer = nn.Sequential(*[DMBlockGroup(n, ch[i], ch[i+1], 1 if i == 0 else 2, activation) for i in range(3)])
+        self.batchnorm = nn.BatchNorm2d(ch[3])
+        self.act = _activation(activation)
+        self._init_head(ch[3], num_classes)
+
+    def forward_features(self, x):
+        return self.act(self.batchnorm(self.layer(self.init_conv(self._normalize(x)))))
+
+# %% ../nbs/03_models.ipynb #a7997abb
+def _dm_norm(num_classes, mean, std):
+    "The DM input normalization: as given, else CIFAR-100's constants for 100 classes and CIFAR-10's otherwise."
+    if mean is not None or std is not None: return mean, std
+    return (DM_CIFAR100_MEAN, DM_CIFAR100_STD) if num_classes == 100 else (DM_CIFAR10_MEAN, DM_CIFAR10_STD)
+
+@register_model
+def dm_wrn28_10(pretrained:bool=False, # no weights are bundled: must be False
+                num_classes:int=10, # number of classes
+                in_chans:int=3, # number of input channels
+                activation:str='silu', # 'silu' (BDM-AT, IKL-AT) or 'relu'
+                mean=None, # per-channel mean of the input normalization (None: CIFAR-100's for 100 classes, else CIFAR-10's)
+                std=None, # per-channel std of the input normalization (None: as `mean`)
+                **kwargs)->DMWideResNet:
+    "DeepMind's WideResNet-28-10 of RobustBench (36,479,194 parameters for 10 classes): the BDM-AT and IKL-AT teachers."
+    to = _entry_options('dm_wrn28_10', pretrained, kwargs)
+    mean, std = _dm_norm(num_classes, mean, std)
+    return _finish(DMWideResNet(28, 10, num_classes, in_chans, activation, mean, std), 'dm_wrn28_10', to,
+                   num_classes=num_classes, in_chans=in_chans, activation=activation, **_norm_args(mean, std))
+
+# %% ../nbs/03_models.ipynb #600cc958
+CIFAR_ARCHS = ('resnet18_cifar', 'preactresnet18', 'mobilenetv2_cifar', 'wrn28_10', 'wrn34_10', 'wrn34_20', 'dm_wrn28_10',
                'tiny_resnet_cifar', 'tiny_mobilenet_cifar', 'small_cnn')
 
 # %% ../nbs/03_models.ipynb #dd7b2779
@@ -503,12 +626,59 @@ def save_weights(model:nn.Module, # the model to save (a `DataParallel`/DDP wrap
         return _atomic_write(path, lambda p: save_file(sd, p, metadata={'format': _FORMAT, 'igdmfast': info}))
     return atomic_save(dict(head, state_dict=sd, meta=meta), path)
 
-# %% ../nbs/03_models.ipynb #7f9137a3
+# %% ../nbs/03_models.ipynb #b1176aee
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: corrupted or truncated, of an unknown layout, or not fitting the model."
 
 class UnsafeCheckpointError(CheckpointError):
     "A checkpoint holding pickled Python objects, refused because unpickling them can run arbitrary code."
+
+_STRING_OPS = {'SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE', 'STRING', 'BINSTRING', 'SHORT_BINSTRING'}
+
+def _pickled_globals(path, max_ops:int=10_000_000):
+    "The `module.name` globals the pickles in `path` import (a torch zip's `data.pkl`, or a plain or legacy pickle), read without unpickling."
+    import io, pickletools, zipfile
+    found = []
+    with contextlib.suppress(Exception), open(path, 'rb') as f:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z: f = io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith('data.pkl'))))
+        else: f.seek(0)
+        n = 0
+        while True:  # a legacy torch file is several pickles in a row, then raw tensor data (where parsing stops)
+            pushed, memo = [], {}
+            for op, arg, _ in pickletools.genops(f):
+                n += 1
+                if n > max_ops: return found
+                name = op.name
+                if name in ('GLOBAL', 'INST'): found.append('.'.join(arg.split(' ', 1)))
+                elif name == 'STACK_GLOBAL' and len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]):
+                    found.append(f'{pushed[-2]}.{pushed[-1]}')
+                if name in _STRING_OPS: pushed.append(arg)
+                elif name in ('BINGET', 'LONG_BINGET', 'GET'): pushed.append(memo.get(arg))
+                elif name in ('BINPUT', 'LONG_BINPUT', 'PUT'): memo[arg] = pushed[-1] if pushed else None
+                elif name == 'MEMOIZE': memo[len(memo)] = pushed[-1] if pushed else None
+                elif name not in ('FRAME', 'PROTO'): pushed.append(None)
+    return found
+
+def _allowed_globals(safe):
+    "The globals `torch.load(weights_only=True)` accepts (torch's default allowlist and `safe`)."
+    allowed = {f'{g.__module__}.{g.__qualname__}' for g in safe}
+    try:
+        from torch import _weights_only_unpickler as wou
+        return allowed | set(wou._get_allowed_globals())
+    except Exception:  # a torch without that helper: its rebuild functions, storages and containers
+        return allowed | {'collections.OrderedDict', 'torch.Size', 'torch.device', '_codecs.encode', 'builtins.set'}
+
+def _code_in(path, msg, safe):
+    "The imports that made a `weights_only` load fail (`[]` when code is certain but unnamed), or None when it failed for another reason."
+    named = re.findall(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)', msg)
+    if named: return list(dict.fromkeys(named))
+    allowed = _allowed_globals(safe)
+    def ok(g): return g in allowed or g.startswith(('torch._utils._rebuild', 'torch._tensor._rebuild')) or g.endswith('Storage') and g.startswith('torch.')
+    code = [g for g in dict.fromkeys(_pickled_globals(path)) if re.fullmatch(r'[A-Za-z_][\w.]*', g) and not ok(g)]
+    if code: return code
+    if re.search(r'add_safe_globals|allowlisted|unrecognized function', msg): return []
+    return None
 
 def _read(path):
     "The object stored at `path` and its safetensors metadata (None for torch files), with clear errors."
@@ -530,12 +700,13 @@ def _read(path):
     try:
         with torch.serialization.safe_globals(safe): return torch.load(path, map_location='cpu', weights_only=True), None
     except Exception as e: msg = f"{type(e).__name__}: {e}"
-    glob = re.search(r'Unsupported global: GLOBAL ([\w.]+)', msg)
-    if glob or re.search(r'add_safe_globals|allowlisted|unrecognized function', msg):
-        what = f" (it needs `{glob.group(1)}`)" if glob else ""
+    code = _code_in(path, msg, safe)
+    if code is not None:
+        what = f" (it would import and call `{', '.join(code)}`)" if code else ""
         raise UnsafeCheckpointError(
-            f"{str(path)!r} carries pickled Python objects{what}, not only tensors, so it was refused for safety: "
-            "unpickling it could run arbitrary code. If you TRUST the file, convert it once to plain weights with "
+            f"{str(path)!r} contains code (a pickled object), not loaded for that reason; re-save its state_dict{what}. "
+            "It carries pickled Python objects, not only tensors, so it was refused for safety: unpickling it could run "
+            "arbitrary code. If you TRUST the file, re-save its state_dict once with "
             f"`torch.save(torch.load(p, weights_only=False).state_dict(), 'weights.pt')` (p = {str(path)!r}; use the "
             "model object inside it if it is not a module) and load 'weights.pt'.") from None
     first = msg.strip().splitlines()[0].split('. ')[0][:200]
@@ -622,17 +793,37 @@ def _build(arch, sd, head, kwargs):
     if head.get('cifar_stem'): cifar_stem(net)
     return normalized(net, norm['mean'], norm['std']) if norm else net
 
-# %% ../nbs/03_models.ipynb #5860ea74
-def load_teacher(path, # a checkpoint: `save_weights` file, state dict, fastai `learn.save`, `.pt`/`.pth`/`.safetensors`
+# %% ../nbs/03_models.ipynb #66ea48bc
+def _missing(spec):
+    "The FileNotFoundError for a `load_teacher` spec that is neither a file nor a RobustBench name igdmfast knows."
+    msg = f"No checkpoint file at {str(spec)!r}."
+    if isinstance(spec, str) and timm.is_model(spec):
+        msg += (f" {spec!r} is an architecture name, not a checkpoint: a teacher needs trained weights. Pass a checkpoint "
+                f"file (with arch={spec!r} if the file does not record its architecture), or train a teacher first (`igdmfast teacher`).")
+    elif isinstance(spec, str) and not re.search(r'[/\\]|\.(pt|pth|safetensors|ckpt|bin|tar)$', spec):
+        names = sorted({n for d in ROBUSTBENCH_TEACHERS.values() for n in d})
+        close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
+        msg += (f" {spec!r} is neither a file nor a RobustBench teacher name igdmfast knows"
+                + (f" (close matches: {', '.join(close)})" if close else "") + f"; the known names are {', '.join(names)}.")
+    else: msg += f" Check the path (a relative path starts from {os.getcwd()!r})."
+    return FileNotFoundError(msg)
+
+def load_teacher(spec, # a checkpoint file (`save_weights`, state dict, fastai `learn.save`; `.pt`/`.pth`/`.safetensors`) or a RobustBench name
                  model:nn.Module|str|None=None, # the network to load into (a string is taken as `arch`)
                  arch:str|None=None, # timm name to build the network with when `model` is not given
+                 dataset:str|None=None, # for a RobustBench name: 'cifar10' or 'cifar100' (needed when the name exists for both)
+                 teacher_dir=None, # for a RobustBench name: the folder of RobustBench's layout (default $IGDMFAST_TEACHERS, else 'models')
                  **model_kwargs, # arguments for `timm.create_model(arch, ...)` (num_classes, in_chans, ...)
                 )->nn.Module:
-    "Load a checkpoint safely and strictly into a model, returned in eval mode with every parameter frozen."
+    "Load a checkpoint file or a RobustBench teacher by name, safely and strictly, in eval mode with every parameter frozen."
     if isinstance(model, str) and arch is None: model, arch = None, model
     if model is not None and arch is not None: raise ValueError("Pass either model= (a network to fill) or arch= (a name to build), not both.")
     if model is not None and model_kwargs:
         raise TypeError(f"Options {sorted(model_kwargs)} are for building from arch=; they do not apply to a given model=.")
+    if isinstance(spec, str) and not Path(spec).exists() and any(spec in d for d in ROBUSTBENCH_TEACHERS.values()):
+        return _load_robustbench(spec, dataset, teacher_dir, model, arch, model_kwargs)
+    path = spec
+    if isinstance(path, (str, os.PathLike)) and not Path(path).exists(): raise _missing(path)
     sd, head = _unpack(*_read(path), path)
     if model is None:
         if arch is not None and head.get('arch') not in (None, arch): head = dict(head, model_kwargs={})  # its kwargs are for another arch
@@ -649,3 +840,111 @@ def load_teacher(path, # a checkpoint: `save_weights` file, state dict, fastai `
         raise CheckpointError(f"{str(path)!r}: {err}")
     model.load_state_dict(sd, strict=True)
     return model.eval().requires_grad_(False)
+
+# %% ../nbs/03_models.ipynb #37e5e950
+def _rb(arch, paper, **kwargs):
+    "One entry of `ROBUSTBENCH_TEACHERS`: the timm architecture, its arguments and the teacher's role in the paper."
+    return dict(arch=arch, kwargs=kwargs, paper=paper)
+
+_C10_NORM = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))    # RobustBench's Rice2020/Chen2020 (CIFAR-10)
+_HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))                           # Hendrycks2019Using: 2x-1
+
+ROBUSTBENCH_TEACHERS = {
+    'cifar10': {
+        'Chen2021LTD_WRN34_10': _rb('wrn34_10', 'LTD', num_classes=10),
+        'Chen2021LTD_WRN34_20': _rb('wrn34_20', 'LTD (WRN-34-20)', num_classes=10),
+        'Wang2023Better_WRN-28-10': _rb('dm_wrn28_10', 'BDM-AT', num_classes=10, activation='silu',
+                                        mean=DM_CIFAR10_MEAN, std=DM_CIFAR10_STD),
+        'Cui2023Decoupled_WRN-28-10': _rb('dm_wrn28_10', 'IKL-AT', num_classes=10, activation='silu',
+                                          mean=DM_CIFAR10_MEAN, std=DM_CIFAR10_STD),
+        'Rice2020Overfitting': _rb('wrn34_20', 'teacher-strength sweep (CIFAR-10 version)', num_classes=10, **_C10_NORM),
+        'Sitawarin2020Improving': _rb('wrn34_10', 'teacher-strength sweep (CIFAR-10 version)', num_classes=10, sub_block1=True),
+        'Chen2020Efficient': _rb('wrn34_10', 'teacher-strength sweep (CIFAR-10 version)', num_classes=10, sub_block1=True, **_C10_NORM),
+        'Hendrycks2019Using': _rb('wrn28_10', 'teacher-strength sweep (CIFAR-10 version)', num_classes=10, **_HALF),
+    },
+    'cifar100': {
+        'Chen2021LTD_WRN34_10': _rb('wrn34_10', 'LTD', num_classes=100, sub_block1=True),
+        'Wang2023Better_WRN-28-10': _rb('dm_wrn28_10', 'BDM-AT', num_classes=100, activation='silu',
+                                        mean=DM_CIFAR100_MEAN, std=DM_CIFAR100_STD),
+        'Cui2023Decoupled_WRN-28-10': _rb('dm_wrn28_10', 'IKL-AT', num_classes=100, activation='silu',
+                                          mean=DM_CIFAR100_MEAN, std=DM_CIFAR100_STD),
+        'Rice2020Overfitting': _rb('preactresnet18', 'teacher-strength sweep (Fig. 4)', num_classes=100, bn_before_fc=True,
+                                   mean=(0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
+                                   std=(0.2673342858792401, 0.2564384629170883, 0.27615047132568404)),
+        'Sitawarin2020Improving': _rb('wrn34_10', 'teacher-strength sweep (Fig. 4)', num_classes=100, sub_block1=True),
+        'Chen2020Efficient': _rb('wrn34_10', 'teacher-strength sweep (Fig. 4)', num_classes=100, sub_block1=True,
+                                 mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761)),
+        'Hendrycks2019Using': _rb('wrn28_10', 'teacher-strength sweep (Fig. 4)', num_classes=100, **_HALF),
+        'Cui2020Learnable_34_10_LBGAT6': _rb('wrn34_10', 'teacher-strength sweep (Fig. 4)', num_classes=100, sub_block1=True),
+        'Cui2020Learnable_34_10_LBGAT0': _rb('wrn34_10', "in the paper's code", num_classes=100, sub_block1=True),
+    },
+}
+
+# %% ../nbs/03_models.ipynb #6fb8f3a2
+def _rb_dataset(dataset):
+    "RobustBench's name of `dataset` ('cifar10' or 'cifar100'; 'CIFAR-10', 'cifar_100', ... accepted)."
+    key = re.sub(r'[-_ ]', '', str(dataset).lower())
+    if key not in ROBUSTBENCH_TEACHERS:
+        raise ValueError(f"RobustBench teachers by name are known for {' and '.join(ROBUSTBENCH_TEACHERS)} only, got dataset={dataset!r}.")
+    return key
+
+def _rb_entry(name, dataset=None):
+    "`(dataset, entry)` of the RobustBench teacher `name` for `dataset` (inferred when the name exists for one dataset only)."
+    if dataset is None:
+        found = [d for d, names in ROBUSTBENCH_TEACHERS.items() if name in names]
+        if len(found) > 1:
+            raise ValueError(f"The RobustBench teacher {name!r} exists for {' and '.join(found)}: pass dataset= (the CLI's --data).")
+        dataset = found[0] if found else next(iter(ROBUSTBENCH_TEACHERS))
+    dataset = _rb_dataset(dataset)
+    names = ROBUSTBENCH_TEACHERS[dataset]
+    if name not in names:
+        close = difflib.get_close_matches(str(name), list(names), n=3, cutoff=0.6)
+        raise ValueError(f"Unknown RobustBench teacher {name!r} for {dataset}." + (f" Close matches: {', '.join(close)}." if close else "")
+                         + f" Known for {dataset}: {', '.join(names)}.")
+    return dataset, names[name]
+
+def _teacher_dir(teacher_dir=None):
+    "`(folder, where it came from)`: `teacher_dir`, else `$IGDMFAST_TEACHERS`, else 'models'."
+    if teacher_dir is not None: return Path(teacher_dir), 'teacher_dir (--teacher-dir)'
+    if os.environ.get('IGDMFAST_TEACHERS'): return Path(os.environ['IGDMFAST_TEACHERS']), '$IGDMFAST_TEACHERS'
+    return Path('models'), "the default 'models' (no --teacher-dir, no $IGDMFAST_TEACHERS)"
+
+def robustbench_path(name:str, # a RobustBench model name of `ROBUSTBENCH_TEACHERS`, e.g. 'Wang2023Better_WRN-28-10'
+                     dataset:str, # 'cifar10' or 'cifar100'
+                     teacher_dir=None, # the folder of RobustBench's layout (default: $IGDMFAST_TEACHERS, else 'models')
+                    )->Path:
+    "Where RobustBench's `load_model` keeps the `Linf` checkpoint of `name`: `<teacher_dir>/<dataset>/Linf/<name>.pt`."
+    dataset, _ = _rb_entry(name, dataset)
+    return _teacher_dir(teacher_dir)[0]/dataset/'Linf'/f'{name}.pt'
+
+# %% ../nbs/03_models.ipynb #f866f740
+def _rb_missing(name, dataset, path, teacher_dir):
+    "The FileNotFoundError of a RobustBench teacher whose checkpoint is not where RobustBench's layout puts it."
+    folder, source = _teacher_dir(teacher_dir)
+    import importlib.util
+    get = (f"python -c \"from robustbench.utils import load_model; load_model(model_name='{name}', dataset='{dataset}', "
+           f"threat_model='Linf', model_dir='{folder}')\"")
+    how = ("robustbench is installed here: on a machine that is online, " if importlib.util.find_spec('robustbench')
+           else "on a machine that is online, `pip install robustbench` and ")
+    return FileNotFoundError(
+        f"No checkpoint file at {str(path)!r} for the RobustBench teacher {name!r} ({dataset}, Linf); the folder is {source}. "
+        f"igdmfast downloads nothing: {how}run `{get}`, which saves it at exactly that path, then copy it here if needed "
+        f"(or pass --teacher-dir / teacher_dir= for the folder that holds {dataset}/Linf/{name}.pt).")
+
+def _load_robustbench(name, dataset, teacher_dir, model, arch, model_kwargs):
+    "The RobustBench teacher `name`, built from `ROBUSTBENCH_TEACHERS` and loaded from RobustBench's layout."
+    dataset, entry = _rb_entry(name, dataset)
+    if model is not None or model_kwargs or arch not in (None, entry['arch']):
+        raise ValueError(f"{name!r} is a RobustBench teacher: igdmfast builds it as {entry['arch']}(**{entry['kwargs']}); "
+                         "do not pass model=, arch= (--teacher-arch) or model options with it.")
+    path = robustbench_path(name, dataset, teacher_dir)
+    if not path.is_file(): raise _rb_missing(name, dataset, path, teacher_dir)
+    sd, _ = _unpack(*_read(path), path)
+    while sd and all(k.startswith('model.') for k in sd): sd = {k[6:]: v for k, v in sd.items()}  # RobustBench strips it too
+    net = timm.create_model(entry['arch'], **entry['kwargs'])
+    err = _fit_errors(net, sd)
+    if err:
+        raise CheckpointError(f"{str(path)!r} is not RobustBench's {name!r} ({dataset}) as igdmfast builds it, "
+                              f"{entry['arch']}(**{entry['kwargs']}): {err}\nThe file may hold another model: fetch it again with RobustBench.")
+    net.load_state_dict(sd, strict=True)
+    return net.eval().requires_grad_(False)
