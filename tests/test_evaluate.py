@@ -418,3 +418,101 @@ def test_plot_errors(tmp_path):
     (tmp_path/'empty.csv').write_text('epoch,train_loss,valid_loss,time\n')
     with pytest.raises(ValueError, match='empty'): plot_training_curves(tmp_path/'empty.csv', tmp_path/'x.png')
     assert not (tmp_path/'x.png').exists()
+
+
+# --- issue #18 item 6: the paper's table keyed by (method, igdm); issue #18 item 2 and #14 items 6 and 11: the report's
+# intervals and columns, data of another size than the model's training size
+
+def wilson(c, n, z=1.959963984540054):
+    "The Wilson score interval worked by hand, in %."
+    p = c / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def test_paper_table_keeps_both_igdm_rows_of_the_same_alpha():
+    "ARD+IGDM and AdaAD+IGDM both at α=5: a table keyed by '+IGDM (α=5)' kept one row and showed ARD's AA 12 under AdaAD."
+    from igdmfast.evaluate import paper_table
+    vs = {'ard': dict(method='ard', igdm=False, alpha=None, aa=11.0, pgd20=20.1), 'ard_igdm': dict(method='ard', igdm=True, alpha=5, aa=12.0, pgd20=21.0),
+          'adaad': dict(method='adaad', igdm=False, alpha=None, aa=9.0, pgd20=19.0), 'adaad_igdm': dict(method='adaad', igdm=True, alpha=5, aa=8.0, pgd20=18.5)}
+    old = {('  +IGDM (α=%g)' % v['alpha']) if v['igdm'] else v['method'].upper(): v for v in vs.values()}   # the tutorial's keying
+    assert len(old) == 3 and old['  +IGDM (α=5)']['aa'] == 8.0   # the collision: one row lost
+    t = paper_table(vs, teacher=dict(name='tiny_resnet_cifar', aa=15.0, pgd20=24.4))
+    assert list(t) == ['Teacher (tiny_resnet_cifar)', 'ARD', 'ARD + IGDM (α=5)', 'ADAAD', 'ADAAD + IGDM (α=5)']
+    for label, key in [('ARD', 'ard'), ('ARD + IGDM (α=5)', 'ard_igdm'), ('ADAAD', 'adaad'), ('ADAAD + IGDM (α=5)', 'adaad_igdm')]:
+        assert t[label]['aa'] == vs[key]['aa'] and t[label]['pgd20'] == vs[key]['pgd20'], label
+    assert t['Teacher (tiny_resnet_cifar)']['aa'] == 15.0 and t['ARD']['clean'] is None
+    with pytest.raises(ValueError, match='aggregate_compare'): paper_table(list(vs.values()) + [dict(vs['ard'], seed=1)])
+    with pytest.raises(ValueError, match="'method' and 'igdm'"): paper_table([dict(aa=1.0)])
+
+
+def test_paper_table_matches_the_cifar10_run_folder():
+    "The committed CIFAR-10 comparison: every variant's row holds that variant's own result.json numbers."
+    from pathlib import Path
+    from igdmfast.evaluate import paper_table
+    exp = Path(__file__).resolve().parents[1]/'experiments'/'cifar10'/'compare'
+    if not exp.is_dir(): pytest.skip('experiments/cifar10/compare is not in this checkout')
+    vs = {}
+    for d in sorted(p for p in exp.iterdir() if (p/'result.json').is_file() and (p/'config.json').is_file()):
+        cfg = json.loads((d/'config.json').read_text())
+        vs[d.name] = dict(json.loads((d/'result.json').read_text()), method=cfg['method'], igdm=cfg['igdm'], alpha=cfg.get('alpha_used'))
+    t = paper_table(vs)
+    assert len(t) == len(vs) == 6
+    for name, v in vs.items():
+        label = v['method'].upper() + (f" + IGDM (α={v['alpha']:g})" if v['igdm'] else '')
+        assert t[label]['aa'] == v['aa'] and t[label]['pgd20'] == v['pgd20'], label
+
+
+def test_report_gives_each_accuracy_its_interval_and_image_count(tmp_path, dls):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    res = robust_eval(net, dls, attacks=('clean', 'fgsm', 'pgd5'), n=100, progress=False, warn=False)
+    nums = dict(clean=80.0, pgd20=41.3, aa=15.0, any=40.1, n=1000, n_aa=100, seconds=12.5)
+    out = save_report({'eval': res, 'numbers': nums, 'no counts': {'clean': 50.0, 'aa': 12.5}}, tmp_path)
+    lines = out['report'].read_text().splitlines()
+    head = lines.index('## Uncertainty of each accuracy')
+    table = [l for l in lines[head:] if l.startswith('| ')][:4]
+    cols = [c.strip() for c in table[0].strip('|').split('|')]
+    assert cols == ['Model', 'Clean', 'FGSM', 'PGD-20', 'AA', 'PGD-5', 'Worst case']
+    cell = lambda row, col: [c.strip() for c in row.strip('|').split('|')][cols.index(col)]
+    fmt = lambda c, n: '%.1f–%.1f (n=%d)' % (*wilson(c, n), n)
+    for k, col in [('clean', 'Clean'), ('fgsm', 'FGSM'), ('pgd5', 'PGD-5'), ('any', 'Worst case')]:
+        assert cell(table[1], col) == fmt(res.correct[k], 100), col
+    assert cell(table[1], 'AA') == '–' and cell(table[1], 'PGD-20') == '–'
+    assert cell(table[2], 'Clean') == fmt(800, 1000) and cell(table[2], 'PGD-20') == fmt(413, 1000) and cell(table[2], 'AA') == fmt(15, 100)
+    assert cell(table[3], 'Clean') == 'n unknown' and any('No image count' in l and 'no counts' in l for l in lines)
+    m = json.loads(out['metrics'].read_text())['models']
+    assert m['numbers']['intervals']['aa']['n'] == 100 and m['numbers']['intervals']['aa']['correct'] == 15
+    assert 'n' not in m['numbers']['numbers'] and 'n_aa' not in m['numbers']['numbers'] and m['no counts']['intervals'] == {}
+    lo, hi = wilson(res.correct['pgd5'], 100)
+    assert (m['eval']['intervals']['pgd5']['low'], m['eval']['intervals']['pgd5']['high']) == pytest.approx((lo, hi), abs=1e-9)
+
+
+def test_report_other_numbers_are_named_explained_and_never_empty(tmp_path):
+    "#14 item 11: 'Other numbers' had an unexplained 'any' column and Samples/Seconds columns of '–' only."
+    out = save_report({'teacher': {'clean': 40.5, 'aa': 15.0, 'any': 21.2}, 'student': {'clean': 33.2, 'any': 11.6}}, tmp_path/'a')
+    md = out['report'].read_text()
+    assert '| Model | Worst case |' in md and '| teacher | 21.20 |' in md and '| any ' not in md
+    assert 'Samples' not in md and 'Seconds' not in md and '**Worst case**: the % of images that every attack' in md
+    md = save_report({'s': dict(clean=33.2, any=11.6, n=1000, seconds=7.25)}, tmp_path/'b')['report'].read_text()
+    assert '| Model | Worst case | Samples | Seconds |' in md and '| s | 11.60 | 1000 | 7.2 |' in md
+    assert '**Samples**' in md and '**Seconds**' in md
+
+
+def test_robust_eval_refuses_data_of_another_size_than_the_training_size(tmp_path):
+    "#14 item 6: an 8x8 digits model with global pooling runs on 28x28 MNIST and scores near chance with no word."
+    from igdmfast.evaluate import checkpoint_input_size
+    from igdmfast.models import save_weights
+    gap = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    mnist_like = (torch.rand(6, 1, 28, 28), torch.arange(6))
+    assert robust_eval(gap, mnist_like, attacks=['clean'], progress=False).n == 6   # no size check: it runs
+    f = save_weights(gap, tmp_path/'digits_student.pt', input_size=[1, 8, 8])
+    size = checkpoint_input_size(f)
+    assert size == (1, 8, 8)
+    with pytest.raises(ValueError, match=r'trained on 1x8x8 images but the data.s images are 1x28x28'):
+        robust_eval(gap, mnist_like, attacks=['clean', 'pgd20'], input_size=size, progress=False)
+    assert robust_eval(gap, (torch.rand(6, 1, 8, 8), torch.arange(6)), attacks=['clean'], input_size=size, progress=False).n == 6
+    assert robust_eval(gap, (torch.rand(6, 1, 8, 8), torch.arange(6)), attacks=['clean'], input_size=(8, 8), progress=False).n == 6
+    with pytest.raises(ValueError, match='trained on 8x8'):
+        robust_eval(gap, mnist_like, attacks=['clean'], input_size=(8, 8), progress=False)
+    assert checkpoint_input_size(save_weights(gap, tmp_path/'old.pt')) is None
+    with pytest.raises(ValueError, match='input_size must be'): robust_eval(gap, mnist_like, attacks=['clean'], input_size=(8,), progress=False)
