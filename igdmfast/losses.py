@@ -14,7 +14,7 @@ from .attacks import kl_div, _f32
 
 # %% auto #0
 __all__ = ['kl_through', 'pgd_at_loss', 'trades_loss', 'ard_loss', 'iad_weights', 'iad_loss', 'akd_loss', 'rslad_loss',
-           'adaad_loss', 'igdm_loss', 'igdm_weight']
+           'adaad_loss', 'adaiad_loss', 'igdm_loss', 'igdm_weight']
 
 # %% ../nbs/02_losses.ipynb #5d167b3e
 def kl_through(target_logits:Tensor, # logits of the target distribution P; gradients flow into them
@@ -115,7 +115,7 @@ def iad_weights(t_adv:Tensor, # teacher logits on x'
     _check_logits(t_adv=t_adv); _check_labels(y, t_adv); _check_number('beta', beta, 0)
     return F.softmax(_f32(t_adv).detach(), 1).gather(1, y.long()[:, None]).squeeze(1).pow(beta)
 
-# %% ../nbs/02_losses.ipynb #e87c1b79
+# %% ../nbs/02_losses.ipynb #94421015
 def iad_loss(s_adv:Tensor, # student logits on x'
              s_nat:Tensor|None, # student logits on x: CE input and self-distillation target (not detached)
              t_nat:Tensor, # teacher logits on the clean x
@@ -128,14 +128,19 @@ def iad_loss(s_adv:Tensor, # student logits on x'
              beta:float=0.1, # exponent of the teacher reliability w = p_T(x')[y]^β
             )->Tensor:
     "IAD-I: ARD with a batch-mean KL, plus a·(1/B)·Σ(1 − w)·KL(S(x) ‖ S(x')) from epoch `begin` on."
-    _check_logits(s_adv=s_adv, t_nat=t_nat)
+    return _introspective(s_adv, s_nat, ('t_nat', t_nat), t_adv, y, epoch, begin, temperature, kd_weight, beta)
+
+def _introspective(s_adv, s_nat, kd_target, t_adv, y, epoch, begin, temperature, kd_weight, beta):
+    "IAD-I's loss with the teacher term's target `kd_target = (name, logits)`: T(x) for IAD, T(x') for AdaIAD."
+    t_name, t_kd = kd_target
+    _check_logits(**{'s_adv': s_adv, t_name: t_kd})
     for name, v in (('epoch', epoch), ('begin', begin)):
         if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
     _check_number('temperature', temperature, 0, lo_open=True); _check_weight('kd_weight', kd_weight)
     _check_number('beta', beta, 0)
     introspect = epoch >= begin
-    loss = kd_weight * _kd(s_adv, t_nat, temperature)
+    loss = kd_weight * _kd(s_adv, t_kd, temperature)
     if introspect or kd_weight < 1:
         why = f"at epoch {epoch} (begin={begin}, kd_weight={kd_weight})"
         _require('s_nat', s_nat, why); _require('y', y, why)
@@ -201,6 +206,20 @@ def adaad_loss(s_adv:Tensor, # student logits on x'
         _check_logits(s_adv=s_adv, s_nat=s_nat, t_nat=t_nat)
         loss = loss + (1 - adv_weight) * _kd(s_nat, t_nat, 1., reduction)
     return loss
+
+# %% ../nbs/02_losses.ipynb #312fba44
+def adaiad_loss(s_adv:Tensor, # student logits on x'
+                s_nat:Tensor|None, # student logits on x: CE input and self-distillation target (not detached)
+                t_adv:Tensor, # teacher logits on x': the distillation target and the reliability weights
+                y:Tensor|None, # labels (needed from epoch `begin` on, or when kd_weight < 1)
+                epoch:int, # current epoch, 0-based (fastai's `learn.epoch`; the official loop's `epoch`)
+                begin:int=60, # first epoch (0-based) with the self-introspection term (`--IAD_begin`)
+                temperature:float=30.0, # distillation temperature τ of the teacher term (`--temp`, official default 30)
+                kd_weight:float=1.0, # a (`--IAD_alpha`): weight of the teacher and self terms; 1 − a weighs CE(S(x), y)
+                beta:float=0.1, # exponent of the teacher reliability w = p_T(x')[y]^β (`--IAD_beta`)
+               )->Tensor:
+    "AdaIAD: a·τ²·KL(T(x')/τ ‖ S(x')/τ), plus a·(1/B)·Σ(1 − w)·KL(S(x) ‖ S(x')) from epoch `begin` on, + (1 − a)·CE(S(x), y)."
+    return _introspective(s_adv, s_nat, ('t_adv', t_adv), t_adv, y, epoch, begin, temperature, kd_weight, beta)
 
 # %% ../nbs/02_losses.ipynb #116f35cb
 def igdm_loss(s_plus:Tensor, # student logits on x + δ

@@ -85,14 +85,19 @@ def kl_rows32(t, s):
     lt = F.log_softmax(t, 1)
     return (lt.exp() * (lt - F.log_softmax(s, 1))).sum(1)
 
-START = dict(pgd_at='uniform', ard='uniform', iad='uniform', akd='uniform', trades='normal', rslad='normal', adaad='normal')
+START = dict(pgd_at='uniform', ard='uniform', iad='uniform', akd='uniform', trades='normal', rslad='normal', adaad='normal',
+             adaiad='normal')
 DEFAULTS = dict(pgd_at={}, trades=dict(beta=6.0), ard=dict(temperature=1.0, kd_weight=1.0),
                 iad=dict(begin=60, temperature=1.0, kd_weight=1.0, beta=0.1), akd=dict(kd_weight=0.5, temperature=1.0),
-                rslad=dict(adv_weight=5/6), adaad=dict(adv_weight=1.0))
+                rslad=dict(adv_weight=5/6), adaad=dict(adv_weight=1.0),
+                adaiad=dict(begin=60, temperature=30.0, kd_weight=1.0, beta=0.1))   # AdaAD main.py's argparse defaults
 
-def ref_attack(name, S, T, x, y, teacher_grad=True):
+def ref_attack(name, S, T, x, y, teacher_grad=True, inner=None):
     """x′ of the method's inner maximization (spec b.1–b.7), drawn from torch's global generator like the library.
-    `teacher_grad=False` detaches T(x′) in AdaAD's objective (what the library does; the spec back-propagates through it)."""
+    `teacher_grad=False` detaches T(x′) in AdaAD's objective (what the library does; the spec back-propagates through it).
+    `inner='student_ce'`: Table 6's teacher-free inner maximization for any method, PGD on CE(S(x′), y) as the IGDM
+    scripts' `attacks.PGD` writes it (uniform start clamped to [0,1], the student in eval mode), the teacher unused."""
+    if inner == 'student_ce': name = 'pgd_at'          # the same attack as PGD-AT's
     if START[name] == 'uniform':   # PGD-CE: uniform in the ball, clamped to [0,1] (attacks.PGD of the IGDM scripts)
         xa = (x + ((2 * torch.rand(x.shape, dtype=x.dtype) - 1) * EPS).clamp(-EPS, EPS)).clamp(0, 1)
     else:   # KL-type: x + 0.001·N(0,I), NOT clamped to [0,1]: the first gradient is taken there (trades.py, rslad_loss.py)
@@ -100,11 +105,12 @@ def ref_attack(name, S, T, x, y, teacher_grad=True):
     S.train(name == 'iad')                             # IAD attacks with BN batch statistics, every other method in eval
     with torch.no_grad():
         target = S(x) if name == 'trades' else T(x) if name == 'rslad' else None   # TRADES: eval-mode S(x)
+    assert inner in (None, 'student_ce')
     for _ in range(K):
         xa = xa.detach().requires_grad_(True)
         s = S(xa)
         if name in ('trades', 'rslad'): obj = kl_rows32(target, s).sum()
-        elif name == 'adaad':
+        elif name in ('adaad', 'adaiad'):                # AdaIAD's inner maximization is AdaAD's
             t = T(xa)
             obj = kl_rows32(t if teacher_grad else t.detach(), s).sum()
         else: obj = ce_rows(s, y).sum()
@@ -120,7 +126,7 @@ def ref_loss(name, kw, S, T, x, y, xa, epoch, igdm):
     S.train()
     Tn = lambda z: T(z).detach()
     s_adv = S(xa)
-    s_nat = S(x) if name in ('trades', 'ard', 'iad', 'rslad', 'adaad') else None   # unused ones cost nothing here
+    s_nat = S(x) if name in ('trades', 'ard', 'iad', 'rslad', 'adaad', 'adaiad') else None   # unused ones cost nothing here
     if name == 'pgd_at': base = ce_rows(s_adv, y).mean()
     elif name == 'trades': base = ce_rows(s_nat, y).mean() + kw['beta'] * kl_rows(s_nat, s_adv).mean()  # S(x) not detached
     elif name == 'ard':
@@ -143,6 +149,13 @@ def ref_loss(name, kw, S, T, x, y, xa, epoch, igdm):
     elif name == 'adaad':
         lam = kw['adv_weight']
         base = lam * kl_rows(Tn(xa), s_adv).mean() + (1 - lam) * kl_rows(Tn(x), s_nat).mean()
+    elif name == 'adaiad':   # AdaAD main.py, AdaAD_with_IAD1: IAD-I with the teacher on x′ (`teacher_net(adv_inputs)`)
+        a, tau = kw['kd_weight'], kw['temperature']
+        t_adv = Tn(xa)
+        base = a * tau**2 * kl_rows(t_adv / tau, s_adv / tau).mean() + (1 - a) * ce_rows(s_nat, y).mean()
+        if epoch >= kw['begin']:
+            w = log_softmax(t_adv).exp().gather(1, y[:, None]).squeeze(1) ** kw['beta']   # `.item()`: constants
+            base = base + a * ((1 - w) * kl_rows(s_nat, s_adv)).mean()                   # KL(S(x) ‖ S(x′)), S(x) not detached
     if not igdm: return base, base, None
     delta = xa - x
     x_minus = x - delta                                # NOT clamped to [0,1]
@@ -182,19 +195,30 @@ class F32Loss(Callback):
     def after_batch(self):
         if self.training and isinstance(self.learn.loss, torch.Tensor): self.learn.loss = self.learn.loss.float()
 
-def build(name, igdm, kw, dls, student, teacher, **opts):
+def build(name, igdm, kw, dls, student, teacher, inner=None, **opts):
     if igdm or name not in ('pgd_at', 'trades'):
         return distill_learner(teacher, student, dls, method=name, igdm=igdm, alpha=ALPHA if igdm else None,
-                               threat=THREAT, loss_kwargs=kw or None, check_teacher=False, **opts)
+                               threat=THREAT, loss_kwargs=kw or None, inner=inner, check_teacher=False, **opts)
     return adv_learner(student, dls, method=name, threat=THREAT, loss_kwargs=kw or None, **opts)
 
-CONFIGS = [(m, g, {}) for m in METHOD_NAMES for g in (False, True)] + [
-    ('iad', False, dict(begin=0)), ('iad', True, dict(begin=0)),   # the late (self-introspection) branch in both epochs
-    ('iad', True, dict(begin=1)),                                    # epoch 0 early, epoch 1 late
-    ('ard', True, dict(temperature=2.0, kd_weight=0.7)),             # τ and the CE(S(x)) term
-    ('adaad', True, dict(adv_weight=0.5)),                           # AdaAD's clean term (needs T(x), S(x))
+CONFIGS = [(m, g, {}, None) for m in METHOD_NAMES for g in (False, True)] + [
+    ('iad', False, dict(begin=0), None), ('iad', True, dict(begin=0), None),   # the late (self-introspection) branch in both epochs
+    ('iad', True, dict(begin=1), None),                                    # epoch 0 early, epoch 1 late
+    ('ard', True, dict(temperature=2.0, kd_weight=0.7), None),             # τ and the CE(S(x)) term
+    ('adaad', True, dict(adv_weight=0.5), None),                           # AdaAD's clean term (needs T(x), S(x))
+    # AdaIAD (issue #16): AdaAD's attack, IAD-I's loss with T(x′), τ = 30
+    ('adaiad', False, {}, None), ('adaiad', True, {}, None),
+    ('adaiad', True, dict(begin=1), None),                                 # epoch 0 early, epoch 1 late
+    ('adaiad', True, dict(begin=0, kd_weight=0.7, temperature=2.0), None), # τ, the CE(S(x)) term, late in both epochs
+    # the teacher-free inner maximization (Table 6): PGD-CE on the student, the method's outer loss and IGDM kept
+    ('adaad', False, {}, 'student_ce'), ('adaad', True, {}, 'student_ce'),
+    ('rslad', True, {}, 'student_ce'),                                     # RSLAD's T(x) moves into the batched call
+    ('trades', True, {}, 'student_ce'),                                    # no eval-mode S(x) target any more
+    ('iad', True, dict(begin=0), 'student_ce'),                            # IAD's train-mode attack becomes eval-mode
+    ('adaiad', True, dict(begin=1), 'student_ce'),
 ]
-def cfg_id(c): return f"{c[0]}-{'igdm' if c[1] else 'base'}" + ''.join(f"-{k}{v:g}" for k, v in c[2].items())
+def cfg_id(c): return (f"{c[0]}-{'igdm' if c[1] else 'base'}" + ''.join(f"-{k}{v:g}" for k, v in c[2].items())
+                       + (f"-{c[3]}" if c[3] else ''))
 IDS = [cfg_id(c) for c in CONFIGS]
 
 def state_of(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -202,10 +226,10 @@ def state_of(m): return {k: v.detach().clone() for k, v in m.state_dict().items(
 @functools.lru_cache(maxsize=None)
 def run(i, fold_bn=True):
     "Fit config `i` for 2 epochs of one batch each, recording both steps (cached: several tests read one run)."
-    name, igdm, kw = CONFIGS[i]
+    name, igdm, kw, inner = CONFIGS[i]
     student, teacher = make_student(), make_teacher()
     teacher_before, teacher_params = state_of(teacher), list(teacher.parameters())
-    learn = build(name, igdm, kw, make_dls(), student, teacher, fold_bn=fold_bn)
+    learn = build(name, igdm, kw, make_dls(), student, teacher, inner=inner, fold_bn=fold_bn)
     counters = dict(student=Counter(student), teacher=Counter(teacher))
     probe = Probe(counters)
     with learn.no_bar(), learn.no_logging(): learn.fit(N_EPOCH, cbs=[probe, F32Loss()])
@@ -219,7 +243,7 @@ def rel_err(a, b): return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 # ------------------------------------------------------------------------------------------- 1. the step's math
 
 def _check_step(i, teacher_grad=True, fold_bn=True):
-    name, igdm, kw = CONFIGS[i]
+    name, igdm, kw, inner = CONFIGS[i]
     r = run(i, fold_bn)
     assert len(r['steps']) == N_EPOCH
     T = copy.deepcopy(r['teacher']).eval()
@@ -228,7 +252,7 @@ def _check_step(i, teacher_grad=True, fold_bn=True):
         x, y = st['x'], st['y']
         assert x.dtype == torch.float64
         torch.manual_seed(st['seed'])
-        xa = ref_attack(name, S, T, x, y, teacher_grad)
+        xa = ref_attack(name, S, T, x, y, teacher_grad, inner)
         assert (xa - x).abs().max() <= EPS + 1e-12 and xa.min() >= 0 and xa.max() <= 1
         assert torch.allclose(st['x_adv'], xa, rtol=0, atol=1e-12), \
             f"{cfg_id(CONFIGS[i])} epoch {st['epoch']}: x′ differs at {int(((st['x_adv'] - xa).abs() > 1e-12).sum())} entries"
@@ -263,34 +287,37 @@ def test_kl_keeps_float64():
 
 # -------------------------------------------------------------------------------------- 2. the forward passes
 
-def expected_rows(name, kw, epoch, igdm):
+def expected_rows(name, kw, epoch, igdm, inner=None):
     """Rows of each student and teacher call in one step: what the spec's math needs, with the library's batching
-    (AdvDistill.before_batch stacks every teacher input of the outer loss and IGDM into one call)."""
+    (AdvDistill.before_batch stacks every teacher input of the outer loss and IGDM into one call). With
+    `inner='student_ce'` the attack is K student passes and nothing else: no teacher pass before or inside it."""
     kw = {**DEFAULTS[name], **kw}
-    late = name == 'iad' and epoch >= kw['begin']
-    s_nat = (name in ('trades', 'rslad') or late or (name in ('ard', 'iad') and kw['kd_weight'] < 1)
+    own = inner is None
+    late = name in ('iad', 'adaiad') and epoch >= kw['begin']
+    s_nat = (name in ('trades', 'rslad') or late or (name in ('ard', 'iad', 'adaiad') and kw['kd_weight'] < 1)
              or (name == 'adaad' and kw['adv_weight'] < 1))
     # student: [TRADES' eval-mode S(x), the attack's target] + K attack steps + S(x′) + S(x) if needed + S(x−δ)
-    student = [B] * ((name == 'trades') + K + 1 + s_nat + igdm)
-    t_nat = name in ('ard', 'iad') or (name == 'adaad' and kw['adv_weight'] < 1)   # RSLAD's comes before the attack
-    t_adv = name in ('akd', 'adaad') or late or igdm        # T(x+δ) = T(x′), shared by the outer loss and IGDM
-    teacher = ([B] if name == 'rslad' else []) + ([B] * K if name == 'adaad' else [])
+    student = [B] * ((name == 'trades' and own) + K + 1 + s_nat + igdm)
+    t_nat = (name in ('ard', 'iad') or (name == 'adaad' and kw['adv_weight'] < 1)
+             or (name == 'rslad' and not own))              # RSLAD's own attack takes T(x) before it
+    t_adv = name in ('akd', 'adaad', 'adaiad') or late or igdm   # T(x+δ) = T(x′), shared by the outer loss and IGDM
+    teacher = ([B] if name == 'rslad' and own else []) + ([B] * K if name in ('adaad', 'adaiad') and own else [])
     rows = B * (t_nat + t_adv + igdm)
     return student, teacher + ([rows] if rows else [])
 
-def check_rows(name, igdm, epoch):
+def check_rows(name, igdm, epoch, inner=None):
     """The one-off check of each conv→BN-folded view at the first batch of a fit: the model and its view on 2 samples
     (the student's view only for eval-mode attacks; the teacher's whenever the learner has a teacher)."""
     if epoch: return [], []
     has_teacher = igdm or name not in ('pgd_at', 'trades')
-    return ([] if name == 'iad' else [2, 2]), ([2, 2] if has_teacher else [])
+    return ([] if name == 'iad' and inner is None else [2, 2]), ([2, 2] if has_teacher else [])
 
 @pytest.mark.parametrize('i', range(len(CONFIGS)), ids=IDS)
 def test_forward_passes(i):
-    name, igdm, kw = CONFIGS[i]
+    name, igdm, kw, inner = CONFIGS[i]
     for st in run(i)['steps']:
-        s, t = expected_rows(name, kw, st['epoch'], igdm)
-        cs, ct = check_rows(name, igdm, st['epoch'])
+        s, t = expected_rows(name, kw, st['epoch'], igdm, inner)
+        cs, ct = check_rows(name, igdm, st['epoch'], inner)
         assert st['rows']['student'] == cs + s, (st['epoch'], st['rows'])
         assert st['rows']['teacher'] == ct + t, (st['epoch'], st['rows'])
 
@@ -305,6 +332,21 @@ def test_forward_pass_table():
         (K + 2, 1, 2 * B), (K + 4, 1, 2 * B), (K + 2, 1, 3 * B), (K + 2, 1, 3 * B), (K + 2, 1, 2 * B),
         (K + 3, 2, 3 * B), (K + 2, K + 1, (K + 2) * B)]
     assert calls('iad', False, begin=0) == (K + 2, 1, 2 * B) and calls('iad', True, begin=0) == (K + 3, 1, 3 * B)
+
+def test_forward_pass_table_adaiad_and_teacher_free():
+    """AdaIAD costs what AdaAD costs (K teacher passes in the attack, T(x′) once), plus S(x) from `begin` on; the
+    teacher-free inner maximization removes every teacher pass before and inside the attack, and nothing else."""
+    def calls(name, igdm, epoch=0, inner=None, **kw):
+        s, t = expected_rows(name, kw, epoch, igdm, inner)
+        return len(s), len(t), sum(t)
+    assert calls('adaiad', False) == calls('adaad', False) == (K + 1, K + 1, (K + 1) * B)
+    assert calls('adaiad', True) == calls('adaad', True) == (K + 2, K + 1, (K + 2) * B)
+    assert calls('adaiad', True, epoch=60) == (K + 3, K + 1, (K + 2) * B)          # + S(x) for the self-introspection
+    ce = 'student_ce'
+    assert calls('adaad', True, inner=ce) == (K + 2, 1, 2 * B)                     # T(x′), T(x−δ) in one call, after
+    assert calls('adaad', False, inner=ce) == (K + 1, 1, B)
+    assert calls('rslad', True, inner=ce) == (K + 3, 1, 3 * B)                     # T(x) joins the batched call
+    assert calls('trades', True, inner=ce) == (K + 3, 1, 2 * B)
 
 
 # ------------------------------------------------------------------------------------ 3. the teacher, untouched
@@ -323,7 +365,7 @@ def _check_teacher(teacher, before, params, learn, given=True):
 @pytest.mark.parametrize('i', range(len(CONFIGS)), ids=IDS)
 def test_teacher_untouched_by_fit(i):
     r = run(i)
-    name, igdm, _ = CONFIGS[i]
+    name, igdm, _, _ = CONFIGS[i]
     _check_teacher(r['teacher'], r['teacher_before'], r['teacher_params'], r['learn'],
                    given=igdm or name not in ('pgd_at', 'trades'))   # adv_learner never sees it
     assert all(p.requires_grad for p in r['learn'].model.parameters())

@@ -17,18 +17,14 @@ from ..methods import DistillBatch, get_method, Method
 # %% auto #0
 __all__ = ['prepare_teacher', 'ConvBN', 'bn_folded', 'AdvExamples', 'DistillStat', 'AdvDistill']
 
-# %% ../../nbs/06_callback.adversarial.ipynb #0daa66dd
+# %% ../../nbs/06_callback.adversarial.ipynb #f5d8b516
 def _unwrap(m): return getattr(m, 'module', m)
 
 def prepare_teacher(teacher:nn.Module, # the teacher network
                     device=None, # move it there (default: leave it where it is)
                    )->nn.Module:
-    "Put `teacher` in eval mode with every parameter frozen (saying so once if some were trainable)."
+    "Put `teacher` in eval mode with every parameter frozen (silently: a teacher is never trained)."
     if not isinstance(teacher, nn.Module): raise TypeError(f"The teacher must be an nn.Module, got {type(teacher).__name__}.")
-    trainable = [n for n, p in teacher.named_parameters() if p.requires_grad]
-    if trainable:
-        warnings.warn(f"The teacher had {len(trainable)} trainable parameter tensors; igdmfast froze them "
-                      "(a teacher is never trained). Pass a frozen teacher (e.g. from `load_teacher`) to silence this.")
     teacher.requires_grad_(False)
     if device is not None: teacher.to(device)
     return teacher.eval()
