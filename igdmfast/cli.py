@@ -253,20 +253,20 @@ class RunFolder:
         self._release()
         return False
 
-# %% ../nbs/10_cli.ipynb #80a0cf05
+# %% ../nbs/10_cli.ipynb #c091d946
 from fastai.callback.core import Callback
 
 class EpochLines(Callback):
     "Progress for logs: the column names once, then one line per epoch, flushed (no carriage-return bar fragments)."
-    order = 60   # where fastai's ProgressCallback sits, after the Recorder has the epoch's values
+    order = 59   # before fastai's loggers (CSVLogger, order 60), which then wrap this one as they wrap ProgressCallback
     def before_fit(self):
         self.widths = [max(len(n), 9) for n in self.recorder.metric_names]
-        self.learn.logger = self._line
+        self.old_logger, self.learn.logger = self.learn.logger, self._line
         print('  '.join(n.rjust(w) for n, w in zip(self.recorder.metric_names, self.widths)), flush=True)
     def _line(self, log):
         cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
         print('  '.join(cell(v).rjust(w) for v, w in zip(log, self.widths)), flush=True)
-    def after_fit(self): self.learn.logger = print
+    def after_fit(self): self.learn.logger = self.old_logger
 
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
@@ -336,8 +336,12 @@ def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf1
     _plain_progress(learn)
     _, secs = _fit(learn, epochs, out/'teacher_checkpoint.pt', resume, sched)
     model = learn.model.eval().requires_grad_(False)
-    if _is_main(): save_weights(model, out/'teacher.pt', arch=arch, method=method, epochs=epochs, seed=seed)
+    if _is_main(): save_weights(model, out/'teacher.pt', arch=arch, method=method, epochs=epochs, seed=seed, input_size=_input_size(dls))
     return model, secs
+
+def _input_size(dls):
+    "The (C, H, W) of the training images, recorded in every checkpoint so that `igdmfast eval` can refuse data of another size."
+    return [int(dls.in_chans), *map(int, dls.img_size)]
 
 def _plain_progress(learn):
     "When stdout is not a terminal (a log file, a pipe), fastai's bars become one plain line per epoch."
@@ -365,7 +369,8 @@ def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out
                             cbs=_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()], **_learner_opts(bf16, lr, sched))
     _plain_progress(learn)
     start, secs = _fit(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
-    if _is_main(): learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed)
+    if _is_main(): learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed,
+                                        input_size=_input_size(dls))
     learn.seconds_per_epoch = secs / (epochs - start) if epochs > start else None
     return learn, secs
 
@@ -514,7 +519,7 @@ def teacher(data:str='digits', # dataset name, .npz path or image folder
         print(f"Teacher: {out/'teacher.pt'}  (use it with: igdmfast train --teacher {out/'teacher.pt'})")
         return json.loads((out/'metrics.json').read_text())
 
-# %% ../nbs/10_cli.ipynb #8426b13a
+# %% ../nbs/10_cli.ipynb #175e5104
 def evaluate(model:str, # checkpoint of the model to evaluate
              data:str='digits', # dataset name, .npz path or image folder
              attacks:str='clean,fgsm,pgd20,cw,aa', # comma-separated attack names
@@ -534,7 +539,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     from igdmfast.core import ThreatModel, seed_everything
     from igdmfast.data import get_dls
     from igdmfast.models import load_teacher
-    from igdmfast.evaluate import robust_eval, grad_alignment, save_report, accuracy_vs_eps, plot_acc_vs_eps
+    from igdmfast.evaluate import robust_eval, grad_alignment, save_report, accuracy_vs_eps, plot_acc_vs_eps, checkpoint_input_size
     for f in [model] + ([teacher] if teacher else []):
         if not Path(f).is_file(): raise FileNotFoundError(f"Checkpoint {f!r} not found.")
     threat = _threat(eps, step)
@@ -553,7 +558,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
                    arch=arch, curve=curve, bs=bs, seed=seed, device=dev, versions=_versions())
         out = rf.claim(cfg)
         name = Path(model).name
-        res = robust_eval(m, dls.valid, attacks=names, threat=threat, n=n, seed=seed)
+        res = robust_eval(m, dls.valid, attacks=names, threat=threat, n=n, seed=seed, input_size=checkpoint_input_size(model))
         aligned = {name: grad_alignment(m, t, dls.valid, n=n, seed=seed)} if t is not None else {}
         plots = []
         if curve:
