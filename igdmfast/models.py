@@ -376,7 +376,7 @@ class WideResNet(CifarNet):
         x = self.block3(self.block2(self.block1(self.conv1(self._normalize(x)))))
         return F.relu(self.bn1(x))
 
-# %% ../nbs/03_models.ipynb #ee1ca90c
+# %% ../nbs/03_models.ipynb #01c9f6e7
 def _wrn(name, depth, widen, pretrained, num_classes, in_chans, sub_block1, drop_rate, mean, std, kwargs):
     to = _entry_options(name, pretrained, kwargs)
     return _finish(WideResNet(depth, widen, num_classes, in_chans, sub_block1, drop_rate, mean=mean, std=std), name, to,
@@ -403,7 +403,7 @@ def wrn34_20(pretrained:bool=False, # no weights are bundled: must be False
              mean=None, # per-channel mean of a fixed input normalization inside the model (None: none)
              std=None, # per-channel std of that normalization
              **kwargs)->WideResNet:
-    "WideResNet-34-20 of RobustBench (184,444,026 parameters for 10 classes): LTD's second CIFAR-10 teacher."
+    "WideResNet-34-20 of RobustBench (184,531,674 parameters for 10 classes): LTD's second CIFAR-10 teacher."
     return _wrn('wrn34_20', 34, 20, pretrained, num_classes, in_chans, sub_block1, drop_rate, mean, std, kwargs)
 
 @register_model

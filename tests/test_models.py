@@ -240,3 +240,69 @@ def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="saved from a 'tiny_resnet_cifar'"): load_teacher(p, arch='small_cnn')
     torch.save({'epoch': 3}, tmp_path/'meta.pt')
     with pytest.raises(CheckpointError, match="not model weights"): load_teacher(tmp_path/'meta.pt', arch='small_cnn')
+
+
+# ----------------------------------------------------------------------------------- DeepMind WRN, WRN-34-20, normalization
+
+def _wrn_params(depth, k, classes):
+    "Parameter count of a (TRADES or DeepMind) WRN-depth-k, in closed form: convs, 1x1 shortcuts, batch norms, linear."
+    n, w = (depth - 4)//6, [16, 16*k, 32*k, 64*k]
+    total = 3*16*9 + 2*w[3] + w[3]*classes + classes
+    for ni, nf in zip(w[:-1], w[1:]):
+        total += ni*nf*9 + nf*nf*9 + (ni*nf if ni != nf else 0) + 2*ni + 2*nf   # first block
+        total += (n - 1)*(2*nf*nf*9 + 4*nf)                                   # the others
+    return total
+
+
+def test_dm_wrn_and_wrn34_20_sizes_and_keys():
+    with torch.device('meta'):
+        dm, dm100, w20 = (timm.create_model('dm_wrn28_10'), timm.create_model('dm_wrn28_10', num_classes=100),
+                          timm.create_model('wrn34_20'))
+    assert n_params(dm) == _wrn_params(28, 10, 10) == PUBLISHED['wrn28_10']
+    assert n_params(dm100) == _wrn_params(28, 10, 100) and n_params(w20) == _wrn_params(34, 20, 10)
+    keys = set(dm.state_dict())
+    assert {'init_conv.weight', 'layer.0.block.0.batchnorm_0.running_mean', 'layer.0.block.0.conv_0.weight',
+            'layer.0.block.0.batchnorm_1.weight', 'layer.0.block.0.conv_1.weight', 'layer.0.block.0.shortcut.weight',
+            'layer.2.block.3.conv_1.weight', 'batchnorm.running_var', 'logits.weight', 'logits.bias'} <= keys
+    assert 'layer.0.block.1.shortcut.weight' not in keys and not {'mean', 'std'} & keys
+    assert max(int(k.split('.')[3]) for k in keys if k.startswith('layer.1.block.')) == 3   # (28-4)/6 = 4 blocks per group
+    assert dm.pretrained_cfg['classifier'] == 'logits' and dm.pretrained_cfg['first_conv'] == 'init_conv'
+    assert dm._model_args['mean'] == (0.4914, 0.4822, 0.4465) and dm100._model_args['std'] == (0.2673, 0.2564, 0.2762)
+
+
+def test_dm_wrn_block_padding_and_activation():
+    "A DM block at stride 2 pads right/bottom only (TensorFlow SAME) and uses SiLU: a float64 check written out by hand."
+    from igdmfast.models import DMBlock
+    torch.manual_seed(0)
+    b = DMBlock(4, 6, 2).double().eval()
+    for bn in (b.batchnorm_0, b.batchnorm_1):
+        bn.running_mean.uniform_(-0.5, 0.5); bn.running_var.uniform_(0.5, 2); bn.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    def bn(m, t): return (t - m.running_mean[:, None, None])/torch.sqrt(m.running_var[:, None, None] + m.eps)*m.weight[:, None, None] + m.bias[:, None, None]
+    def silu(t): return t/(1 + torch.exp(-t))
+    o = silu(bn(b.batchnorm_0, x))
+    padded = torch.zeros(2, 4, 9, 9, dtype=torch.float64); padded[:, :, :8, :8] = o
+    h = torch.nn.functional.conv2d(padded, b.conv_0.weight, stride=2)
+    h = torch.nn.functional.conv2d(silu(bn(b.batchnorm_1, h)), b.conv_1.weight, padding=1)
+    want = h + torch.nn.functional.conv2d(o, b.shortcut.weight, stride=2)
+    torch.testing.assert_close(b(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_input_normalization_inside_the_model(tmp_path):
+    torch.manual_seed(0)
+    m = WideResNet(depth=10, widen_factor=1, num_classes=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5)).eval()
+    plain = WideResNet(depth=10, widen_factor=1, num_classes=3).eval()
+    plain.load_state_dict(m.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(m(x), plain((x - mean)/std))
+    assert set(m.state_dict()) == set(plain.state_dict())
+    w = timm.create_model('preactresnet18', num_classes=4, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5)).eval()
+    back = load_teacher(save_weights(w, tmp_path/'w.pt'))
+    assert back._model_args['mean'] == (0.5, 0.4, 0.3) and torch.equal(back(x), w(x))
+    one = timm.create_model('preactresnet18', in_chans=1, mean=0.5, std=0.5)
+    assert one.mean.shape == (1, 1, 1)
+    with pytest.raises(ValueError, match='both mean and std'): WideResNet(depth=10, widen_factor=1, mean=0.5)
+    with pytest.raises(ValueError, match='one value per input channel'): WideResNet(depth=10, widen_factor=1, mean=(0.5, 0.5), std=(1, 1))
+    with pytest.raises(ValueError, match='std must be positive'): WideResNet(depth=10, widen_factor=1, mean=0.5, std=0)
+    with pytest.raises(ValueError, match="Unknown activation 'gelu'"): timm.create_model('dm_wrn28_10', activation='gelu')
