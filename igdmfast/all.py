@@ -10,3 +10,4 @@ from .learner import *
 from .callback.checkpoint import *
 from .evaluate import *
 from .distributed import *
+from .stats import *

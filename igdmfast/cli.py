@@ -13,7 +13,7 @@ from .core import atomic_write
 __all__ = ['RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'SAME_ON_RESUME', 'CLIError', 'RunFolder', 'EpochLines', 'train', 'teacher',
            'evaluate', 'compare', 'main']
 
-# %% ../nbs/10_cli.ipynb #61840950
+# %% ../nbs/10_cli.ipynb #d406a83d
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -85,10 +85,11 @@ def _evaluate_models(models, dls, threat, n_aa, seed):
     results = {}
     for name, m in models.items():
         print(f"Evaluating {name}...")
-        r = dict(robust_eval(m, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed))
+        res = robust_eval(m, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed)
+        r = dict(res, n=res.n)   # the image counts give each accuracy its binomial interval in the report
         if n_aa:
             aa = robust_eval(m, dls.valid, attacks=('aa',), threat=threat, n=min(n_aa, len(dls.valid.dataset)), seed=seed)
-            r['aa'] = aa['aa']
+            r.update(aa=aa['aa'], n_aa=aa.n)
         results[name] = r
     return results
 
@@ -118,7 +119,7 @@ def _check_model_name(name, flag):
         raise CLIError(f"Unknown model {name!r} for {flag}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
                        "tiny_resnet_cifar, resnet18_cifar, mobilenetv2_cifar, wrn34_10, or any timm model.")
 
-# %% ../nbs/10_cli.ipynb #8b0526ac
+# %% ../nbs/10_cli.ipynb #7fb6f9e2
 RUN_FILES = ('config.json', 'checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.pt', 'history.csv',
              'teacher_history.csv', 'metrics.json', 'report.md', 'compare.json', 'compare.md', 'result.json',
              'grad_cosines.png', 'training_curves.png', 'acc_vs_eps.png', 'seeds.png')
@@ -178,19 +179,21 @@ class RunFolder:
         f.seek(0); f.truncate(); f.write(f"{os.getpid()}\n"); f.flush()
         self.lock = f
 
-    def ours(self)->list:
-        "The files and per-variant folders an earlier run of ours wrote here, inputs excluded: what `--force` removes."
+    def _variant_dirs(self):
+        "The per-variant folders of a comparison here: `<method>[_igdm]/`, and those inside `seed<k>/`."
         found = []
-        for p in sorted(self.out.iterdir()):
-            if p.is_file() and (p.name in RUN_FILES or _is_our_tmp(p)) and p.resolve() not in self.inputs: found.append(p)
-            elif p.is_dir() and _run_config(p/'config.json') is not None and self._is_variant(p.name):
-                found += [q for q in sorted(p.iterdir()) if q.is_file() and (q.name in RUN_FILES or _is_our_tmp(q))
-                          and q.resolve() not in self.inputs]
-        return found
+        for d in sorted(p for p in self.out.iterdir() if p.is_dir() and self._is_variant(p.name)):
+            if re.fullmatch(r'seed\d+', d.name): found += [e for e in sorted(d.iterdir()) if e.is_dir() and self._is_variant(e.name)]
+            else: found.append(d)
+        return [d for d in found if _run_config(d/'config.json') is not None]
+
+    def ours(self)->list:
+        "The files an earlier run of ours wrote here and in its per-variant folders, inputs excluded: what `--force` removes."
+        mine = lambda p: p.is_file() and (p.name in RUN_FILES or _is_our_tmp(p)) and p.resolve() not in self.inputs
+        return [p for d in [self.out, *self._variant_dirs()] for p in sorted(d.iterdir()) if mine(p)]
 
     def _is_variant(self, name):
         "A subfolder name that `compare` writes: `<method>[_igdm]` or `seed<k>`."
-        import re
         from igdmfast.methods import METHODS
         base = re.sub(r'_igdm$', '', name)
         return name in self.subdirs or base in METHODS or re.fullmatch(r'seed\d+', name) is not None
@@ -219,8 +222,9 @@ class RunFolder:
         if old is not None and self.force:
             gone = self.ours()
             for p in gone: p.unlink()
-            for d in {p.parent for p in gone if p.parent != self.out}:
+            for d in sorted({p.parent for p in gone if p.parent != self.out}, key=lambda d: -len(d.parts)):
                 if not any(d.iterdir()): d.rmdir()
+                if d.parent != self.out and re.fullmatch(r'seed\d+', d.parent.name) and not any(d.parent.iterdir()): d.parent.rmdir()
             names = [str(p.relative_to(self.out)) for p in gone]
             print(f"--force: removed {len(names)} file{'s' * (len(names) != 1)} of the earlier run in {self.out}"
                   + (f": {', '.join(names)}." if names else "."))
@@ -234,8 +238,7 @@ class RunFolder:
 
     def saved_work(self)->bool:
         "Whether anything worth resuming was saved here (a checkpoint, weights, a finished variant)."
-        dirs = [self.out] + [d for d in self.out.iterdir() if d.is_dir() and self._is_variant(d.name)]
-        return any((d/f).exists() for d in dirs for f in SAVED_WORK)
+        return any((d/f).exists() for d in [self.out, *self._variant_dirs()] for f in SAVED_WORK)
 
     def _release(self):
         if self.lock is None: return
@@ -577,7 +580,7 @@ def _eval_out(model):
     p = Path(model).resolve()
     return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
 
-# %% ../nbs/10_cli.ipynb #9d59a4b0
+# %% ../nbs/10_cli.ipynb #c6e04dc9
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -645,7 +648,8 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
             n_valid:int|None=None, # evaluate on a seeded class-stratified subset of this many validation images
             n_aa:int=100, # AutoAttack (standard) on a seeded subset of this many validation images (0: skip)
             n_curve:int=200, # PGD-20 accuracy against eps on a seeded subset of this many images (0: skip)
-            seed:int=0, # the one seed of the comparison (every variant starts from the same student)
+            seed:int=0, # the seed of the data subsets, the teacher 'auto' trains and the evaluation (and of the students without --seeds)
+            seeds:str|None=None, # comma-separated student seeds (e.g. 0,1,2,3,4): every variant once per seed, aggregated with intervals
             out:str='runs/compare', # comparison folder
             resume:bool=False, # continue a killed comparison: finished variants are kept, a killed one resumes
             force:bool=False, # overwrite a folder that holds another run
@@ -672,15 +676,19 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     if teacher_arch: _check_model_name(teacher_arch, '--teacher-arch')
     threat = _threat(eps, step, steps)
     dev = _device(device)
+    seed_list = _seed_list(seeds, seed)
+    multi = len(seed_list) > 1
     variants = [_variant_dir(m, ig) for m in names for ig in (False, True)]
-    with RunFolder(out, resume, force, inputs=[teacher], subdirs=variants) as rf:
+    subdirs = [f'seed{s}' for s in seed_list] if multi else variants
+    with RunFolder(out, resume, force, inputs=[teacher], subdirs=subdirs) as rf:
+        # one data subset, teacher and evaluation for every variant; each seed fixes a student's initial weights and data order
         make_dls = lambda: get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
         seed_everything(seed)
         dls = make_dls()
         t_model = _teacher_arg(teacher, dev, teacher_arch) if teacher != 'auto' else None
         cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, methods=names,
                    alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
-                   n_curve=n_curve, seed=seed, device=dev, bf16=bf16, versions=_versions())
+                   n_curve=n_curve, seed=seed, seeds=seed_list, device=dev, bf16=bf16, versions=_versions())
         out = rf.claim(cfg)
         teacher_s = 0.
         if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16, sched)
@@ -690,8 +698,11 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
             "The paper's numbers of `model` (+GD/GC against the teacher, + the eps curve), cached in `run_dir/result.json`."
             f = Path(run_dir)/'result.json'
             if resume and f.is_file(): return json.loads(f.read_text())
-            r = dict(robust_eval(model, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed))
-            if n_aa: r['aa'] = robust_eval(model, dls.valid, attacks=('aa',), threat=threat, n=min(n_aa, len(dls.valid.dataset)), seed=seed)['aa']
+            res = robust_eval(model, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed)
+            r = dict(res, n=res.n)
+            if n_aa:
+                aa = robust_eval(model, dls.valid, attacks=('aa',), threat=threat, n=min(n_aa, len(dls.valid.dataset)), seed=seed)
+                r.update(aa=aa['aa'], n_aa=aa.n)
             if student:
                 al = grad_alignment(model, t_model, dls.valid, seed=seed)
                 r.update(gd=al['gd'], gc=al['gc'], per_sample_gc=[float(v) for v in al['per_sample_gc']])
@@ -704,50 +715,76 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
         print(f"Evaluating the teacher ({t_name})...")
         t_row = dict(measure(t_model, out, student=False), name=t_name)
         rows = []
-        for m in names:
-            for ig in (False, True):
-                run_dir = out/_variant_dir(m, ig); run_dir.mkdir(exist_ok=True)
-                done = resume and (run_dir/'result.json').is_file() and (run_dir/'config.json').is_file()
-                if done:
-                    print(f"{run_dir.name}: finished earlier (result.json), kept.")
-                    r = json.loads((run_dir/'result.json').read_text())
-                else:
-                    learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, seed, bf16, sched)
-                    old = json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').is_file() else {}
-                    spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else old.get('seconds_per_epoch')
-                    _write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, alpha_used=learn.alpha, seconds_per_epoch=spe))
-                    print(f"Evaluating {m}{' + IGDM' if ig else ''}...")
-                    r = measure(learn.model, run_dir)
-                rc = json.loads((run_dir/'config.json').read_text())
-                if (run_dir/'history.csv').is_file(): plot_training_curves(run_dir/'history.csv', run_dir/'training_curves.png')
-                rows.append(dict(r, method=m, igdm=ig, alpha=rc.get('alpha_used'), seconds_per_epoch=rc.get('seconds_per_epoch'),
-                                 run=run_dir.name))
-        cols = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'gd', 'gc')
-        slim = lambda r: {k: v for k, v in r.items() if k not in ('per_sample_gc', 'curve', 'warnings')}
-        result = dict(config=cfg, teacher=slim(t_row), rows=[slim(r) for r in rows], seconds=dict(teacher=round(teacher_s, 2)))
-        md = (f"# igdmfast compare\n\n{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}; "
-              f"student {student}, {epochs} epochs, seed {seed}.\n\n" + _compare_table(t_row, rows))
-        plots = []
-        if n_curve:
-            to255 = lambda c: ([e * 255 for e in c['eps']], c['acc'])
-            panels = {m.upper(): {**{('+IGDM' if r['igdm'] else m): to255(r['curve']) for r in rows if r['method'] == m},
-                                  f'teacher ({t_name})': to255(t_row['curve'])} for m in names}
-            plots.append(_panels(panels, out/'acc_vs_eps.png', 'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
-                                 title='Robust accuracy against the attack radius, with and without IGDM'))
-        panels = {m.upper(): {('+IGDM' if r['igdm'] else m): r['per_sample_gc'] for r in rows if r['method'] == m} for m in names}
-        plots.append(_panels(panels, out/'grad_cosines.png', 'cosine of student and teacher input gradients', 'samples',
-                             kind='hist', title='Gradient cosine (GC) with the teacher, with and without IGDM'))
-        md += '\n' + ''.join(f"![{p.stem}]({p.name})\n\n" for p in plots)
-        atomic_write(out/'compare.md', lambda f: f.write(md.encode()))
-        _write_json(out/'compare.json', result)
-        label = lambda r: f"{r['method']}{'+IGDM' if r['igdm'] else ''}"
-        save_report({f"teacher ({t_name})": {k: t_row.get(k) for k in cols}, **{label(r): {k: r.get(k) for k in cols} for r in rows}},
-                    out, name='igdmfast compare', plots=[p.name for p in plots], extra=dict(config=cfg))
-        print('\n' + md.split('\n\n', 2)[2].split('\n![')[0])
-        print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, acc_vs_eps.png, grad_cosines.png, one folder per variant)")
-        return result
+        for s in seed_list:
+            for m in names:
+                for ig in (False, True):
+                    run_dir = (out/f'seed{s}' if multi else out)/_variant_dir(m, ig); run_dir.mkdir(parents=True, exist_ok=True)
+                    done = resume and (run_dir/'result.json').is_file() and (run_dir/'config.json').is_file()
+                    if done:
+                        print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
+                        r = json.loads((run_dir/'result.json').read_text())
+                    else:
+                        learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, s, bf16, sched)
+                        old = json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').is_file() else {}
+                        spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else old.get('seconds_per_epoch')
+                        _write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, seed=s, alpha_used=learn.alpha, seconds_per_epoch=spe))
+                        print(f"Evaluating {m}{' + IGDM' if ig else ''}{f' (seed {s})' if multi else ''}...")
+                        r = measure(learn.model, run_dir)
+                    rc = json.loads((run_dir/'config.json').read_text())
+                    if (run_dir/'history.csv').is_file(): plot_training_curves(run_dir/'history.csv', run_dir/'training_curves.png')
+                    rows.append(dict(r, method=m, igdm=ig, seed=s, alpha=rc.get('alpha_used'), seconds_per_epoch=rc.get('seconds_per_epoch'),
+                                     run=str(run_dir.relative_to(out))))
+        return _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, threat, n_aa, n_curve, data, student, epochs)
 
-# %% ../nbs/10_cli.ipynb #e6126378
+def _seed_list(seeds, seed):
+    "The student seeds of `--seeds 0,1,2` (distinct non-negative integers), or `[seed]` without it."
+    if seeds is None or str(seeds).strip() == '': return [seed]
+    try: out = [int(v) for v in str(seeds).split(',') if v.strip()]
+    except ValueError: raise CLIError(f"--seeds takes comma-separated non-negative integers such as 0,1,2,3,4, got {seeds!r}.") from None
+    if not out or any(v < 0 for v in out): raise CLIError(f"--seeds takes comma-separated non-negative integers such as 0,1,2,3,4, got {seeds!r}.")
+    if len(set(out)) != len(out): raise CLIError(f"--seeds lists a seed twice: {seeds!r}.")
+    return out
+
+def _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, threat, n_aa, n_curve, data, student, epochs):
+    "compare.md, compare.json, metrics.json/report.md and the plots of a finished comparison; its aggregated result."
+    from igdmfast.evaluate import save_report
+    from igdmfast.stats import aggregate_compare, compare_markdown, plot_seeds
+    multi = len(seed_list) > 1
+    cols = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'gd', 'gc')
+    slim = lambda r: {k: v for k, v in r.items() if k not in ('per_sample_gc', 'curve', 'warnings')}
+    agg = aggregate_compare([slim(r) for r in rows], seeds=seed_list)
+    result = dict(config=cfg, seeds=seed_list, teacher=slim(t_row), rows=[slim(r) for r in rows], aggregate=agg,
+                  seconds=dict(teacher=round(teacher_s, 2)))
+    first = [r for r in rows if r['seed'] == seed_list[0]]
+    md = (f"# igdmfast compare\n\n{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}; "
+          f"student {student}, {epochs} epochs, {'seeds ' + ', '.join(map(str, seed_list)) if multi else f'seed {seed_list[0]}'}.\n\n")
+    if multi: md += "## Over seeds\n\n" + compare_markdown(agg) + f"\n\n## Seed {seed_list[0]}\n\n"
+    md += _compare_table(t_row, first)
+    if not multi: md += "\n" + " ".join(agg.get('notes', [])) + "\n"
+    plots = []
+    if n_curve:
+        to255 = lambda c: ([e * 255 for e in c['eps']], c['acc'])
+        panels = {m.upper(): {**{('+IGDM' if r['igdm'] else m): to255(r['curve']) for r in first if r['method'] == m},
+                              f"teacher ({t_row['name']})": to255(t_row['curve'])} for m in names}
+        plots.append(_panels(panels, out/'acc_vs_eps.png', 'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
+                             title='Robust accuracy against the attack radius, with and without IGDM' + (f' (seed {seed_list[0]})' if multi else '')))
+    panels = {m.upper(): {('+IGDM' if r['igdm'] else m): r['per_sample_gc'] for r in first if r['method'] == m} for m in names}
+    plots.append(_panels(panels, out/'grad_cosines.png', 'cosine of student and teacher input gradients', 'samples',
+                         kind='hist', title='Gradient cosine (GC) with the teacher, with and without IGDM' + (f' (seed {seed_list[0]})' if multi else '')))
+    if multi: plots.append(plot_seeds(agg, out/'seeds.png', title='Each seed, with the mean and its 95% t interval'))
+    md += '\n' + ''.join(f"![{p.stem}]({p.name})\n\n" for p in plots)
+    atomic_write(out/'compare.md', lambda f: f.write(md.encode()))
+    _write_json(out/'compare.json', result)
+    label = lambda r: f"{r['method']}{'+IGDM' if r['igdm'] else ''}"
+    keep = lambda r: {**{k: r.get(k) for k in cols}, 'n': r.get('n'), 'n_aa': r.get('n_aa')}
+    save_report({f"teacher ({t_row['name']})": keep(t_row), **{label(r): keep(r) for r in first}},
+                out, name='igdmfast compare', plots=[p.name for p in plots], extra=dict(config=cfg, seeds=seed_list))
+    print('\n' + (compare_markdown(agg) if multi else _compare_table(t_row, first)))
+    for w in agg.get('warnings', []): print(f"warning: {w}")
+    print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, plots, one folder per variant)")
+    return result
+
+# %% ../nbs/10_cli.ipynb #a7548f52
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
@@ -792,6 +829,7 @@ def _parser():
     _common(c, 'runs/compare'); _distill_options(c)
     c.add_argument('--methods', default='adaad', help='comma-separated methods, each run with and without IGDM (e.g. ard,rslad,adaad,pgd_at)')
     c.add_argument('--n-curve', dest='n_curve', type=int, default=200, help='PGD-20 accuracy against eps on a seeded subset of this many images; 0 skips it')
+    c.add_argument('--seeds', default=None, help='comma-separated student seeds (e.g. 0,1,2,3,4): each variant once per seed, reported with intervals over seeds and paired IGDM-minus-base differences')
     e = sub.add_parser('eval', help="evaluate a saved model with the paper's attacks (and GD/GC against a teacher)", **fmt)
     e.add_argument('model', help='checkpoint of the model to evaluate (e.g. runs/train/student.pt)')
     e.add_argument('--data', default='digits', help='dataset name, an .npz path or an image folder')
