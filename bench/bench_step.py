@@ -3,6 +3,11 @@ for RSLAD+IGDM and AdaAD+IGDM on the same models, batches and seed: first both m
 parameter gradients (fp32), then both are timed, interleaved, and their peak memory is measured in fresh processes.
 
     python bench/bench_step.py [--device cuda] [--methods rslad,adaad] [--batches 2] [--repeats 5] [--threads 1]
+                               [--teacher-free]
+
+`--teacher-free` adds a side to the timing: igdmfast with `inner='student_ce'`, the method's outer loss and IGDM on a
+perturbation from PGD-CE on the student alone (the paper's Table 6 "w/o teacher in inner max"). It computes another
+step than the scripts', so it is timed, not compared; its `vs igdmfast` column is its speed against igdmfast's default.
 """
 from __future__ import annotations
 import copy, json, os, sys
@@ -90,6 +95,12 @@ def errors(a, b)->dict:
 
 
 SIDES = {'igdmfast': {}, 'igdmfast fold_bn=False': dict(fold_bn=False), 'reference': None}
+TEACHER_FREE = {'igdmfast inner=student_ce': dict(inner='student_ce')}   # timed with --teacher-free, not compared
+
+
+def side_opts(side):
+    "The `distill_learner` options of a side (None: the reference)."
+    return TEACHER_FREE[side] if side in TEACHER_FREE else SIDES[side]
 
 
 def check_same(method, teacher, student, x, y, args, dev, seed=1234)->dict:
@@ -110,8 +121,8 @@ def check_same(method, teacher, student, x, y, args, dev, seed=1234)->dict:
 
 def run_side(side, method, teacher, student, x, y, args, dev):
     "A callable that runs `args.batches` training steps on `side` (set up once, outside the timing)."
-    if SIDES[side] is not None:
-        learn = learner(copy.deepcopy(teacher), copy.deepcopy(student), x, y, method, args, dev, **SIDES[side])
+    if side_opts(side) is not None:
+        learn = learner(copy.deepcopy(teacher), copy.deepcopy(student), x, y, method, args, dev, **side_opts(side))
         return lambda: fit(learn)
     s, t, opt = ref_setup(teacher, student, method, dev)
     batches = [(x[i:i+args.bs].to(dev), y[i:i+args.bs].to(dev)) for i in range(0, len(x), args.bs)]
@@ -124,6 +135,7 @@ def main(argv=None):
     p.add_argument('--batches', type=int, default=2, help='training steps per timed run (one fit on the igdmfast side)')
     p.add_argument('--tol', type=float, default=1e-5, help='relative tolerance of the float64 loss and gradient check')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
+    p.add_argument('--teacher-free', action='store_true', help="also time igdmfast with inner='student_ce' (Table 6)")
     p.add_argument('--mem-child', default=None, help=argparse_hidden())
     args = p.parse_args(argv)
     dev = setup(args)
@@ -148,19 +160,23 @@ def main(argv=None):
                   f"{e['x_adv']}" + (f" -> {'SAME' if ok else 'DIFFERENT'}" if dt == 'float64' else ''))
             if dt == 'float64' and not ok:
                 raise SystemExit(f"{m}: {side} and the reference disagree beyond {args.tol:g} in float64; not timing them.")
+    names = [*SIDES, *(TEACHER_FREE if args.teacher_free else ())]
     for m in methods:
-        sides = {k: run_side(k, m, teacher, student, x, y, args, dev) for k in SIDES}
+        sides = {k: run_side(k, m, teacher, student, x, y, args, dev) for k in names}
         wall, cpu = interleaved(sides, args.repeats, dev)
         n = args.bs * args.batches
         base = _strip_opt(_drop_json(sys.argv[1:] if argv is None else argv), '--methods') + ['--methods', m]
-        for k in SIDES:
+        for k in names:
             row = {'method': f"{m}+igdm", 'side': k, 'img/s': n / med(wall[k]), 'speed-up': med(wall['reference']) / med(wall[k])}
+            if args.teacher_free: row['vs igdmfast'] = med(wall['igdmfast']) / med(wall[k])
             if dev.type == 'cpu':
                 row.update({'img/cpu-s': n / med(cpu[k]), 'speed-up (cpu-s)': med(cpu['reference']) / med(cpu[k])})
+                if args.teacher_free: row['vs igdmfast (cpu-s)'] = med(cpu['igdmfast']) / med(cpu[k])
             if not args.no_memory: row['peak MiB'] = child_memory(__file__, base, k)
             row.update(load=round(os.getloadavg()[0], 2), wall_s=[round(v, 3) for v in wall[k]], cpu_s=[round(v, 3) for v in cpu[k]])
             rows.append(row)
-    cols = ['method', 'side', 'img/s', 'speed-up'] + (['img/cpu-s', 'speed-up (cpu-s)'] if dev.type == 'cpu' else []) + \
+    cols = ['method', 'side', 'img/s', 'speed-up'] + (['vs igdmfast'] if args.teacher_free else []) + \
+           (['img/cpu-s', 'speed-up (cpu-s)'] + (['vs igdmfast (cpu-s)'] if args.teacher_free else []) if dev.type == 'cpu' else []) + \
            ([] if args.no_memory else ['peak MiB']) + ['load']
     print(table(rows, cols))
     info['loadavg_end'] = [round(v, 2) for v in os.getloadavg()]

@@ -11,7 +11,7 @@ on real images, AdaIAD and the teacher-free inner maximization in the registry, 
 3. `distill_learner` / `adv_learner`: a float threat and a tensor as dls are refused with what was expected;
    `help()` shows the parameter comments; a trainable teacher is frozen without a message.
 """
-import copy, pydoc, sys, warnings
+import copy, pydoc, re, sys, warnings
 from pathlib import Path
 import numpy as np
 import pytest
@@ -268,3 +268,13 @@ def test_trainable_teacher_frozen_silently(dls):
     assert not [str(m.message) for m in w if 'teacher' in str(m.message).lower()]   # no message on this path
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_bench_step_teacher_free_runs(capsys):
+    "bench_step.py --teacher-free times igdmfast with inner='student_ce' beside the default and the scripts' step."
+    import bench_step
+    bench_step.main(['--bs', '8', '--classes', '10', '--batches', '1', '--repeats', '1', '--no-memory', '--methods', 'adaad',
+                     '--teacher-free'])
+    out = capsys.readouterr().out
+    assert 'SAME' in out and 'DIFFERENT' not in out and 'vs igdmfast' in out
+    assert re.search(r'adaad\+igdm\s+igdmfast inner=student_ce', out), out
