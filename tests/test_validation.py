@@ -230,6 +230,11 @@ def run_folder_with_other_run(tmp):
     (tmp/'run').mkdir(); (tmp/'run'/'config.json').write_text('{"command": "train", "epochs": 99}')
     return str(tmp/'run')
 
+def plain_state_dict(tmp):
+    "A bare state dict (no architecture recorded), as many checkpoints found online are."
+    p = tmp/'plain.pt'; torch.save(net().state_dict(), p)
+    return str(p)
+
 def xfail(reason): return dict(marks=pytest.mark.xfail(strict=True, reason=reason))
 
 # (id, argv(tmp_path), message regex[, pytest.param kwargs])
@@ -273,6 +278,28 @@ CLI_CASES = [
     ('eval-n-zero', lambda t: ['eval', teacher_file(t), '--device', 'cpu', '--attacks', 'clean', '--n', '0', '--out', str(t/'e')], r'n must be|--n'),
     ('compare-no-methods', lambda t: ['compare', *FAST, '--methods', ','], r'--methods is empty'),
     ('compare-unknown-method', lambda t: ['compare', *FAST, '--methods', 'ard,mart'], r"Unknown method 'mart'"),
+    # issue #14: inputs that used to give a confident wrong result, a traceback hint or exit code 1
+    ('eps-255-whole-range', lambda t: ['train', *FAST, '--eps', '255'], r'--eps 255 means 1.000 on the \[0,1\] scale: at 0.5 or more'),
+    ('eps-300-in-typed-units', lambda t: ['train', *FAST, '--eps', '300'], r'--eps 300 means 300/255 = 1.176, larger than 1'),
+    ('eps-negative-in-typed-units', lambda t: ['train', *FAST, '--eps', '-8'], r'--eps must be positive \(in 1/255 units.*got -8\.$'),
+    ('eps-nan', lambda t: ['train', *FAST, '--eps', 'nan'], r'--eps must be a finite number'),
+    ('eps-inf', lambda t: ['teacher', *FAST, '--eps', 'inf'], r'--eps must be a finite number'),
+    ('step-nan', lambda t: ['train', *FAST, '--step', 'nan'], r'--step must be a finite number'),
+    ('alpha-nan', lambda t: ['train', *FAST, '--alpha', 'nan'], r'--alpha must be non-negative \(and finite\), got nan'),
+    ('alpha-inf', lambda t: ['train', *FAST, '--alpha', 'inf'], r'--alpha must be non-negative \(and finite\), got inf'),
+    ('lr-inf', lambda t: ['train', *FAST, '--lr', 'inf'], r'--lr must be positive \(and finite\)'),
+    ('bs-one', lambda t: ['train', *FAST, '--bs', '1'], r'--bs 1: training needs at least 2 images per batch'),
+    ('data-float-labels', lambda t: ['train', *FAST, '--n-train', '40', '--n-valid', '20', '--data', npz(t, y_train=(np.arange(40) % 4).astype(np.float64))], r'integer class indices'),
+    ('data-string-labels', lambda t: ['train', *FAST, '--n-train', '40', '--n-valid', '20', '--data', npz(t, y_test=np.array(list('abcd') * 5))], r'integer class indices'),
+    ('data-one-class', lambda t: ['train', *FAST, '--n-train', '40', '--n-valid', '20', '--data', npz(t, y_train=np.zeros(40, np.int64), y_test=np.zeros(20, np.int64))], r'one class only'),
+    ('data-label-unseen-in-training', lambda t: ['train', *FAST, '--n-train', '40', '--n-valid', '20', '--data', npz(t, y_test=np.where(np.arange(20) == 0, 12, np.arange(20) % 4))], r'validation labels include 12, which no training image has'),
+    ('data-corrupt-npz', lambda t: ['train', *FAST, '--data', str(_write(t/'bad.npz', b'PK' + bytes(200)))], r'bad.npz is not a readable .npz file'),
+    ('data-object-array', lambda t: ['train', *FAST, '--data', npz(t, y_train=np.array([{'a': 1}] * 40, dtype=object))], r'holds Python objects.*never loads'),
+    ('teacher-without-arch', lambda t: ['train', *FAST, '--teacher', plain_state_dict(t)], r'does not say which architecture.*--teacher-arch'),
+    ('eval-without-arch', lambda t: ['eval', plain_state_dict(t), '--device', 'cpu', '--attacks', 'clean', '--out', str(t/'e')], r'does not say which architecture.*--arch'),
+    ('eval-out-is-a-file', lambda t: ['eval', teacher_file(t), '--device', 'cpu', '--out', str(_write(t/'afile', b'x'))], r'is a file, not a folder'),
+    ('eval-out-holds-another-run', lambda t: ['eval', teacher_file(t), '--device', 'cpu', '--out', run_folder_with_other_run(t)], r'holds another run'),
+    ('compare-bad-seeds', lambda t: ['compare', *FAST, '--seeds', '0,0'], r'--seeds lists a seed twice'),
     ('argparse-not-a-number', lambda t: ['train', '--epochs', 'ten'], r"invalid int value: 'ten'"),
     ('unknown-command', lambda t: ['trian'], r"invalid choice: 'trian'"),
 ]
@@ -286,13 +313,15 @@ def run_main(argv):
 
 
 @pytest.mark.parametrize('argv, msg', [pytest.param(*c[1:3], **(c[3] if len(c) > 3 else {}), id=c[0]) for c in CLI_CASES])
-def test_cli_bad_input(argv, msg, tmp_path, capsys, monkeypatch):
+def test_cli_bad_input(argv, msg, tmp_path, capsys, monkeypatch, request):
     monkeypatch.chdir(tmp_path)   # anything a case writes by default (runs/...) lands in its own folder
     args = argv(tmp_path)
     if '--out' not in args and args[0] in ('train', 'teacher', 'compare'): args += ['--out', str(tmp_path/'out')]
     code = run_main(args)
     err = capsys.readouterr().err
     assert code not in (0, None), f"exit code {code}; stderr: {err[-2000:]}"
+    # input mistakes exit 2 (the README's promise); a diverging loss is a training failure (1)
+    assert code == (1 if request.node.callspec.id == 'loss-diverges' else 2), f"exit code {code}; stderr: {err[-2000:]}"
     assert 'Traceback' not in err, err[-3000:]
     import re
     assert re.search(msg, err, re.S), err[-2000:]
