@@ -38,7 +38,8 @@ def rb_dir(request):
     cache = getattr(request.config, 'cache', None)
     root = cache.mkdir('igdmfast-robustbench') if cache is not None else Path(tempfile.gettempdir())/'igdmfast-robustbench'
     try: return RB.install(Path(root)/f'robustbench-{RB.VERSION}')
-    except RuntimeError as e: pytest.fail(str(e), pytrace=False)
+    except RuntimeError as e: why = str(e)
+    pytest.fail(why, pytrace=False)  # outside the except block: the message alone, not a chained traceback
 
 
 @pytest.fixture(scope='session')
@@ -155,6 +156,9 @@ def test_load_dm_teacher_by_name_and_round_trip(tmp_path):
     torch.testing.assert_close(t.std.flatten(), torch.tensor([0.2673, 0.2564, 0.2762]))
     back = load_teacher(save_weights(t, tmp_path/'copy.pt'))  # save_weights keeps the normalization and activation
     assert torch.equal(back(X), want(X))
+    # by path with arch=: 100 classes read from the weights give CIFAR-100's normalization, as RobustBench's entry has
+    by_path = load_teacher(robustbench_path('Wang2023Better_WRN-28-10', 'cifar100', tmp_path), arch='dm_wrn28_10')
+    assert torch.equal(by_path(X), want(X))
 
 
 def test_teacher_dir_env_and_default(tmp_path, monkeypatch):
