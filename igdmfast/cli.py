@@ -13,7 +13,7 @@ from .core import atomic_write
 __all__ = ['RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'SAME_ON_RESUME', 'CLIError', 'RunFolder', 'EpochLines', 'train', 'teacher',
            'evaluate', 'compare', 'main']
 
-# %% ../nbs/10_cli.ipynb #d406a83d
+# %% ../nbs/10_cli.ipynb #8f653c06
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -68,9 +68,24 @@ def _threat(eps, step=None, steps=10):
     return ThreatModel.from_255(eps, eps / 4 if step is None else step, n_steps=steps)
 
 def _versions():
+    "The versions and the CPU thread count of this run (a seeded CPU run repeats bit for bit at the same thread count)."
     import igdmfast, fastai, timm
     return dict(igdmfast=igdmfast.__version__, torch=torch.__version__, fastai=fastai.__version__, timm=timm.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), cpu_threads=torch.get_num_threads())
+
+def _cpu_threads(threads='auto'):
+    "The CPU threads of `--threads`: a number, or 'auto' ($OMP_NUM_THREADS if set, else this process's cores less those busy at start)."
+    if str(threads) != 'auto':
+        try: n = int(threads)
+        except ValueError: n = 0
+        if n < 1: raise CLIError(f"--threads must be 'auto' or a positive integer, got {threads!r}.")
+        return n
+    if os.environ.get('OMP_NUM_THREADS', '').isdigit() and int(os.environ['OMP_NUM_THREADS']) > 0: return int(os.environ['OMP_NUM_THREADS'])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, 'getloadavg') else 0
+    # OpenMP threads that share a core with another process wait on each other at every parallel region: on a 2-core
+    # machine with one busy core, 2 threads ran the main job ~3x slower than on a quiet machine, 1 thread does not
+    return max(1, min(cores, cores - busy))
 
 def _aa_note(n_aa, dls):
     "What the report says of AutoAttack: the number of images it really ran on (never more than the validation set)."
@@ -784,7 +799,7 @@ def _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, thr
     print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, plots, one folder per variant)")
     return result
 
-# %% ../nbs/10_cli.ipynb #a7548f52
+# %% ../nbs/10_cli.ipynb #35122699
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
@@ -805,6 +820,7 @@ def _common(p, out, epochs=True):
     p.add_argument('--force', action='store_true', help='overwrite --out when it holds another run')
     p.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
     p.add_argument('--bf16', action='store_true', help='bfloat16 autocast for the training steps (the attack stays in fp32)')
+    p.add_argument('--threads', default='auto', help="CPU threads: a number, or 'auto' ($OMP_NUM_THREADS if set, else the cores not busy at start); a seeded CPU run repeats bit for bit at the same count")
     p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
 
 def _distill_options(p):
@@ -845,6 +861,7 @@ def _parser():
     e.add_argument('--out', default=None, help='report folder (default: runs/eval/<folder of the model>-<its name>)')
     e.add_argument('--force', action='store_true', help='overwrite --out when it holds another run or evaluation')
     e.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
+    e.add_argument('--threads', default='auto', help="CPU threads: a number, or 'auto' ($OMP_NUM_THREADS if set, else the cores not busy at start)")
     e.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     return p
 
@@ -860,11 +877,15 @@ def main(argv=None):
     p = _parser()
     args = p.parse_args(argv)
     if args.command is None: p.print_help(); return 0
-    kw = {k: v for k, v in vars(args).items() if k not in ('command', 'debug')}
+    kw = {k: v for k, v in vars(args).items() if k not in ('command', 'debug', 'threads')}
+    threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, threads)   # main changes nothing that outlives it
         if not _is_main():   # in a distributed launch rank 0 prints the progress and the table
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, 'w'))))
-        try: _COMMANDS[args.command](**kw)
+        try:
+            torch.set_num_threads(_cpu_threads(args.threads))
+            _COMMANDS[args.command](**kw)
         except KeyboardInterrupt:
             print("igdmfast: interrupted; every complete epoch is saved in the run folder: rerun with --resume to continue.", file=sys.stderr)
             return 130

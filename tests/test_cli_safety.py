@@ -243,3 +243,23 @@ def test_logs_written_to_a_file_read_one_line_per_epoch(tmp_path):
 def test_importing_igdmfast_prints_no_warning():
     r = subprocess.run([sys.executable, '-c', 'import igdmfast.all'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and 'torch.jit.script' not in r.stderr, r.stderr
+
+
+def test_auto_threads_leave_out_the_busy_cores(monkeypatch):
+    "A quiet 2-core machine gets 2 threads, one with a busy core 1 (2 threads there ran the main job ~3x slower)."
+    import igdmfast.cli as cli
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(cli.os, 'sched_getaffinity', lambda pid: {0, 1})
+    for load, n in ((0.1, 2), (1.0, 1), (3.7, 1)):
+        monkeypatch.setattr(cli.os, 'getloadavg', lambda load=load: (load, load, load))
+        assert cli._cpu_threads('auto') == n
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    assert cli._cpu_threads('auto') == 1 and cli._cpu_threads('3') == 3
+    for bad in ('0', 'many'):
+        with pytest.raises(CLIError, match="--threads must be 'auto' or a positive integer"): cli._cpu_threads(bad)
+
+
+def test_main_restores_the_thread_count(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    assert run_main(['train', '--threads', '1', '--epochs', '0', '--out', str(tmp_path/'o')], monkeypatch, tmp_path) == 2
+    assert torch.get_num_threads() == before
