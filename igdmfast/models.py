@@ -917,7 +917,7 @@ def robustbench_path(name:str, # a RobustBench model name of `ROBUSTBENCH_TEACHE
     dataset, _ = _rb_entry(name, dataset)
     return _teacher_dir(teacher_dir)[0]/dataset/'Linf'/f'{name}.pt'
 
-# %% ../nbs/03_models.ipynb #f866f740
+# %% ../nbs/03_models.ipynb #a11f4698
 def _rb_missing(name, dataset, path, teacher_dir):
     "The FileNotFoundError of a RobustBench teacher whose checkpoint is not where RobustBench's layout puts it."
     folder, source = _teacher_dir(teacher_dir)
@@ -925,7 +925,7 @@ def _rb_missing(name, dataset, path, teacher_dir):
     get = (f"python -c \"from robustbench.utils import load_model; load_model(model_name='{name}', dataset='{dataset}', "
            f"threat_model='Linf', model_dir='{folder}')\"")
     how = ("robustbench is installed here: on a machine that is online, " if importlib.util.find_spec('robustbench')
-           else "on a machine that is online, `pip install robustbench` and ")
+           else "on a machine that is online, `pip install robustbench` (in a separate environment: it pins its own timm) and ")
     return FileNotFoundError(
         f"No checkpoint file at {str(path)!r} for the RobustBench teacher {name!r} ({dataset}, Linf); the folder is {source}. "
         f"igdmfast downloads nothing: {how}run `{get}`, which saves it at exactly that path, then copy it here if needed "
