@@ -27,6 +27,10 @@ SIZES = {
     'tiny': dict(student='tiny_resnet_cifar', teacher='tiny_resnet_cifar', s_kw=dict(width=4), t_kw=dict(width=8), bs=8,
                  classes=10, pgd=2, batches=1, repeats=1, n_eval=16, eval_bs=16, train_epochs=1, n_train=64,
                  aa_version='custom', aa_attacks=('apgd-ce',)),
+    # the CPU benchmarks' pair (bench/_common.py: tiny_resnet_cifar teacher, tiny_mobilenet_cifar student), full batch
+    'bench': dict(student='tiny_mobilenet_cifar', teacher='tiny_resnet_cifar', s_kw={}, t_kw={}, bs=128, classes=100, pgd=10,
+                  batches=2, repeats=3, n_eval=128, eval_bs=128, train_epochs=3, n_train=1024, aa_version='custom',
+                  aa_attacks=('apgd-ce', 'apgd-t')),
 }
 
 
@@ -35,8 +39,10 @@ def parse(argv=None):
     p.add_argument('--out', default=str(BENCH / 'results' / 'gpu_check'), help='folder of gpu_check.md and gpu_check.json')
     p.add_argument('--device', default=None, help="'cuda' (default when available) or 'cpu'")
     p.add_argument('--tiny', action='store_true', help='tiny models, a few images, one step: a check that the script runs')
+    p.add_argument('--size', default=None, choices=sorted(SIZES),
+                   help="'full' (default: resnet18_cifar / wrn34_10), 'tiny' (= --tiny) or 'bench' (the CPU benchmarks' small pair, batch 128)")
     p.add_argument('--methods', default='rslad,adaad')
-    p.add_argument('--sides', default=None, help="comma list of step sides (default: all; 'compile' left out with --tiny on the CPU)")
+    p.add_argument('--sides', default=None, help="comma list of step sides: reference,fp32,bf16,bf16_attack,channels_last,compile (default: all; compile only on CUDA)")
     p.add_argument('--repeats', type=int, default=None, help='timed rounds per side after one warm-up')
     p.add_argument('--n-eval', type=int, default=None, help='images of the evaluation comparison')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads on the CPU (0: torch default)')
@@ -133,8 +139,33 @@ def step_sides(method, teacher, student, x, y, cfg, dev, names)->tuple[dict, dic
         lib('channels-last', 'distill_learner, float32, student and teacher channels-last',
             student_=to_channels_last(copy.deepcopy(student)), teacher_=to_channels_last(copy.deepcopy(teacher)))
     if 'compile' in names and 'compile' in opts:
-        lib('compile', 'distill_learner(compile=True), float32', compile=True)
+        # every `fit` builds and compiles the attack's view again (AdvExamples.before_fit), so this side is timed inside
+        # one fit: per-batch times after the first `batches` (compilation), see `compiled_side`
+        sides['compile'], notes['compile'] = compiled_side(teacher, student, method, cfg, dev), \
+            'distill_learner(compile=True), float32; timed batch by batch inside one fit (compilation excluded)'
     return sides, notes
+
+
+def compiled_side(teacher, student, method, cfg, dev):
+    "A callable that fits `compile=True` once on (1 + repeats) x batches batches and returns the per-batch seconds."
+    from fastai.callback.core import Callback
+    nb = cfg['batches'] * (1 + cfg['repeats'])
+    x, y = images(cfg['bs'] * nb, cfg['classes'], 0)
+
+    class BatchTimer(Callback):
+        order = -100
+        def before_fit(self): self.times = []
+        def before_batch(self):
+            if self.training: sync(dev); self.t0 = time.perf_counter()
+        def after_batch(self):
+            if self.training: sync(dev); self.times.append(time.perf_counter() - self.t0)
+
+    def run():
+        learn = learner(copy.deepcopy(teacher), copy.deepcopy(student), x, y, method, cfg, dev, compile=True)
+        timer = BatchTimer(); learn.add_cb(timer)
+        fit(learn)
+        return timer.times
+    return run
 
 
 def attack_pass_sides(method, teacher, student, x, y, cfg, dev)->dict:
@@ -155,18 +186,29 @@ def attack_pass_sides(method, teacher, student, x, y, cfg, dev)->dict:
 def step_part(args, cfg, dev, teacher, student)->dict:
     x, y = images(cfg['bs'] * cfg['batches'], cfg['classes'], args.seed)
     default = ['reference', 'fp32', 'bf16', 'bf16_attack', 'channels_last', 'compile']
-    if args.tiny and dev.type == 'cpu': default.remove('compile')   # inductor's first compile alone takes minutes on a CPU
+    if dev.type == 'cpu': default.remove('compile')   # inductor's compile takes minutes on a CPU: ask for it with --sides
     names = args.sides.split(',') if args.sides else default
     out, n = {}, cfg['bs'] * cfg['batches']
     for method in args.methods.split(','):
         sides, notes = step_sides(method, teacher, student, x, y, cfg, dev, names)
+        failed, in_fit = {}, None
+        for k in list(sides):   # one run each first (autotuning, caches); a side that fails is reported, not fatal
+            try: r = sides[k]()
+            except Exception as e: failed[k] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"; del sides[k]; continue
+            if k == 'compile':   # timed inside its one fit: per-batch seconds after the compiling batches, as runs of `batches`
+                b = cfg['batches']; t = r[b:]
+                in_fit = [sum(t[i:i+b]) for i in range(0, len(t) - b + 1, b)] or [sum(r)]
+                del sides[k]
         wall, cpu = interleaved(sides, cfg['repeats'], dev)
+        if in_fit is not None: wall['compile'] = cpu['compile'] = in_fit   # cpu: not measured in-fit (wall only)
         ref = med(wall['reference']) if 'reference' in wall else None
         rows = []
-        for k in sides:
+        for k in wall:
             rows.append(dict(method=f"{method}+igdm", side=k, **{'img/s': n / med(wall[k]),
-                             'vs reference': (ref / med(wall[k])) if ref else None, 'peak MiB': peak_mib(sides[k], dev)},
+                             'vs reference': (ref / med(wall[k])) if ref else None,
+                             'peak MiB': peak_mib(sides[k], dev) if k in sides else None},
                              what=notes[k], wall_s=wall[k], cpu_s=cpu[k]))
+        rows += [dict(method=f"{method}+igdm", side=k, what=f"{notes[k]} -- FAILED: {err}", error=err) for k, err in failed.items()]
         if 'bf16_attack' in names and 'attack_dtype' not in learner_options():   # not plumbed yet: the attack pass alone
             att = attack_pass_sides(method, teacher, student, x, y, cfg, dev)
             aw, _ = interleaved(att, cfg['repeats'], dev)
@@ -267,10 +309,11 @@ def markdown(rep:dict)->str:
              f"- device: **{m.get('gpu', 'cpu')}**" + (f" (CUDA {m['cuda']}, {m['gpu_memory_gib']} GiB, native bf16: {m['gpu_native_bf16']})" if 'gpu' in m else ''),
              f"- CPU: {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), native bf16: {m['cpu_native_bf16']}",
              f"- torch {m['torch']}, Python {m['python']}, {m['threads']} CPU threads, load {[round(v, 2) for v in m['loadavg_start']]}",
-             f"- size: {'tiny (a check that the script runs, not a measurement)' if c['tiny'] else 'full'}: student "
+             f"- size: {'tiny (a check that the script runs, not a measurement)' if c['tiny'] else c['size']}: student "
              f"`{c['student']}`, teacher `{c['teacher']}`, batch {c['bs']}, {c['classes']} classes, PGD-{c['pgd']}, "
              f"{c['batches']} steps per timed run, median of {c['repeats']} interleaved runs after 1 warm-up",
              f"- total wall time: {rep['total_s']:.1f} s", ""]
+    for part, tb in rep.get('errors', {}).items(): lines += [f"## {part}: FAILED", "", '```', tb, '```', ""]
     if 'step' in rep:
         lines += ["## Training step against bench/reference.py", "",
                   "`vs reference`: the reference's seconds per step over the side's (above 1: faster). Peak memory: "
@@ -302,13 +345,15 @@ def main(argv=None)->dict:
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise SystemExit("--device cuda: no CUDA device is available.")
     if dev.type == 'cpu' and args.threads: torch.set_num_threads(args.threads)
     if dev.type == 'cuda': torch.backends.cudnn.benchmark = True
-    cfg = dict(SIZES['tiny' if args.tiny else 'full'])
+    size = args.size or ('tiny' if args.tiny else 'full')
+    args.tiny = size == 'tiny'
+    cfg = dict(SIZES[size], size=size)
     if args.repeats: cfg['repeats'] = args.repeats
     skip = set(filter(None, args.skip.split(',')))
     rep = dict(machine=machine(dev), config=dict(cfg, tiny=args.tiny, methods=args.methods, seed=args.seed,
                                                  learner_options=sorted(learner_options() & {'bf16', 'compile', 'attack_dtype'})))
     print(f"gpu_check on {rep['machine'].get('gpu', 'cpu')} | CPU {rep['machine']['cpu']} (native bf16: "
-          f"{rep['machine']['cpu_native_bf16']}) | {'tiny' if args.tiny else 'full'} size", flush=True)
+          f"{rep['machine']['cpu_native_bf16']}) | {size} size", flush=True)
     teacher, student = build_models(cfg, args.seed)
     model = trained(student, cfg, dev, args.seed) if not {'check', 'eval'} <= skip else None
     for part, fn in (('step', lambda: step_part(args, cfg, dev, teacher, student)),
@@ -316,7 +361,11 @@ def main(argv=None)->dict:
                      ('eval', lambda: eval_part(args, cfg, dev, model))):
         if part in skip: continue
         t = time.perf_counter()
-        rep[part] = fn()
+        try: rep[part] = fn()
+        except Exception:   # the report is still written, with what failed
+            import traceback
+            rep.setdefault('errors', {})[part] = traceback.format_exc()[-3000:]
+            print(f"  {part} FAILED:\n{rep['errors'][part]}", flush=True)
         rep.setdefault('part_s', {})[part] = time.perf_counter() - t
         print(f"  {part}: {rep['part_s'][part]:.1f} s", flush=True)
     rep['machine']['loadavg_end'] = list(os.getloadavg())

@@ -279,6 +279,8 @@ def test_gpu_check_tiny_runs_on_the_cpu(tmp_path, capsys):
     md, js = tmp_path / 'gpu_check.md', tmp_path / 'gpu_check.json'
     assert md.is_file() and js.is_file()
     rep = json.loads(js.read_text())
+    assert 'errors' not in rep, rep.get('errors')
+    assert not [r for rows in rep['step'].values() for r in rows if 'error' in r]
     assert rep['machine']['cpu'] and 'cpu_native_bf16' in rep['machine'] and rep['config']['tiny']
     for method in ('rslad', 'adaad'):
         sides = {r['side'] for r in rep['step'][method]}
