@@ -23,7 +23,7 @@ import reference   # noqa: E402
 ALPHA = dict(rslad=4.0, adaad=50.0)   # the paper's α for MobileNetV2 / CIFAR-100 (as bench_step.py)
 SIZES = {
     'full': dict(student='resnet18_cifar', teacher='wrn34_10', s_kw={}, t_kw={}, bs=128, classes=100, pgd=10, batches=2,
-                 repeats=3, n_eval=256, eval_bs=128, train_epochs=3, n_train=2048, aa_version='standard', aa_attacks=None),
+                 repeats=2, n_eval=256, eval_bs=128, train_epochs=3, n_train=2048, aa_version='standard', aa_attacks=None),
     'tiny': dict(student='tiny_resnet_cifar', teacher='tiny_resnet_cifar', s_kw=dict(width=4), t_kw=dict(width=8), bs=8,
                  classes=10, pgd=2, batches=1, repeats=1, n_eval=16, eval_bs=16, train_epochs=1, n_train=64,
                  aa_version='custom', aa_attacks=('apgd-ce',)),
@@ -48,6 +48,7 @@ def parse(argv=None):
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads on the CPU (0: torch default)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--skip', default='', help="comma list of parts to leave out: step, check, eval")
+    p.add_argument('--budget-min', type=float, default=7.5, help='start no new method or part after this many minutes (reported as skipped)')
     return p.parse_args(argv)
 
 
@@ -190,6 +191,9 @@ def step_part(args, cfg, dev, teacher, student)->dict:
     names = args.sides.split(',') if args.sides else default
     out, n = {}, cfg['bs'] * cfg['batches']
     for method in args.methods.split(','):
+        if _over_budget(args):
+            out[method] = [dict(method=f"{method}+igdm", side='-', what=f'skipped: past --budget-min {args.budget_min}', error='budget')]
+            continue
         sides, notes = step_sides(method, teacher, student, x, y, cfg, dev, names)
         failed, in_fit = {}, None
         for k in list(sides):   # one run each first (autotuning, caches); a side that fails is reported, not fatal
@@ -314,6 +318,7 @@ def markdown(rep:dict)->str:
              f"{c['batches']} steps per timed run, median of {c['repeats']} interleaved runs after 1 warm-up",
              f"- total wall time: {rep['total_s']:.1f} s", ""]
     for part, tb in rep.get('errors', {}).items(): lines += [f"## {part}: FAILED", "", '```', tb, '```', ""]
+    if rep.get('skipped'): lines += [f"Skipped (past the time budget): {', '.join(rep['skipped'])}", ""]
     if 'step' in rep:
         lines += ["## Training step against bench/reference.py", "",
                   "`vs reference`: the reference's seconds per step over the side's (above 1: faster). Peak memory: "
@@ -338,9 +343,12 @@ def markdown(rep:dict)->str:
     return '\n'.join(lines)
 
 
+def _over_budget(args)->bool: return time.perf_counter() - args.t0 > 60 * args.budget_min
+
+
 def main(argv=None)->dict:
     args = parse(argv)
-    t0 = time.perf_counter()
+    t0 = args.t0 = time.perf_counter()
     dev = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise SystemExit("--device cuda: no CUDA device is available.")
     if dev.type == 'cpu' and args.threads: torch.set_num_threads(args.threads)
@@ -356,10 +364,12 @@ def main(argv=None)->dict:
           f"{rep['machine']['cpu_native_bf16']}) | {size} size", flush=True)
     teacher, student = build_models(cfg, args.seed)
     model = trained(student, cfg, dev, args.seed) if not {'check', 'eval'} <= skip else None
-    for part, fn in (('step', lambda: step_part(args, cfg, dev, teacher, student)),
-                     ('check', lambda: check_part(args, cfg, dev, teacher, student, model)),
+    for part, fn in (('check', lambda: check_part(args, cfg, dev, teacher, student, model)),
+                     ('step', lambda: step_part(args, cfg, dev, teacher, student)),
                      ('eval', lambda: eval_part(args, cfg, dev, model))):
         if part in skip: continue
+        if _over_budget(args):
+            rep.setdefault('skipped', []).append(part); print(f"  {part}: skipped (past --budget-min {args.budget_min})"); continue
         t = time.perf_counter()
         try: rep[part] = fn()
         except Exception:   # the report is still written, with what failed
