@@ -271,7 +271,7 @@ class RunFolder:
         self._release()
         return False
 
-# %% ../nbs/10_cli.ipynb #c091d946
+# %% ../nbs/10_cli.ipynb #c0ac2ae0
 from fastai.callback.core import Callback
 
 class EpochLines(Callback):
@@ -374,7 +374,7 @@ def _logger(fname):
     from fastai.callback.tracker import CSVLogger
     return [CSVLogger(fname=fname)] if _is_main() else []
 
-def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16=False, sched=None):
+def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16=False, sched=None, inner=None):
     "Distill `t_model` into a fresh seeded `student` in folder `out` (checkpoint.pt, history.csv, student.pt); returns (learner, seconds)."
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import seed_everything
@@ -383,7 +383,7 @@ def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out
     seed_everything(seed)   # the same initial student and data order for every variant of a comparison
     s_model = _model_arg(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
-    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out,
+    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner,
                             cbs=_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()], **_learner_opts(bf16, lr, sched))
     _plain_progress(learn)
     start, secs = _fit(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
@@ -403,18 +403,53 @@ def _load_model(path, arch=None, flag='--teacher-arch'):
                      rf"pass {flag} (a model name such as \1)", msg)
         raise CLIError(msg.replace('try load_teacher(path) without model=/arch=.', f'try again without {flag}.')) from None
 
-def _teacher_arg(teacher, dev, arch=None):
-    "Load the teacher checkpoint at `teacher` onto `dev` (built as `arch` when given)."
+def _check_inner(inner):
+    "Refuse an unknown `--inner` before anything is loaded."
+    from igdmfast.methods import INNERS
+    if inner is not None and inner not in INNERS:
+        raise CLIError(f"--inner must be one of {', '.join(INNERS)} (or left out for the method's own), got {inner!r}.")
+
+def _rb_datasets(teacher, data='digits', n_classes=None):
+    "The RobustBench datasets `--teacher NAME` may mean: that of `--data` (cifar10, cifar100), else those of the class count, else all."
+    from igdmfast.models import ROBUSTBENCH_TEACHERS
+    found = [d for d, names in ROBUSTBENCH_TEACHERS.items() if teacher in names]
+    key = str(data).lower().replace('-', '').replace('_', '')
+    if key in ROBUSTBENCH_TEACHERS: return [key]
+    by_classes = [d for d in found if n_classes is not None and d == {10: 'cifar10', 100: 'cifar100'}.get(n_classes)]
+    return by_classes or found
+
+def _is_robustbench_name(teacher):
+    from igdmfast.models import ROBUSTBENCH_TEACHERS
+    return not Path(teacher).is_file() and any(teacher in names for names in ROBUSTBENCH_TEACHERS.values())
+
+def _check_teacher_arg(teacher, data='digits', teacher_dir=None):
+    "The checkpoint files `--teacher` may stand for (a path, or a RobustBench name in RobustBench's layout); [] for 'auto'."
+    if teacher == 'auto': return []
+    if Path(teacher).is_file(): return [Path(teacher)]
+    if _is_robustbench_name(teacher):
+        from igdmfast.models import robustbench_path, load_teacher
+        sets = _rb_datasets(teacher, data)
+        paths = [robustbench_path(teacher, d, teacher_dir) for d in sets]
+        if not any(p.is_file() for p in paths): load_teacher(teacher, dataset=sets[0], teacher_dir=teacher_dir)   # its message: where and how
+        return paths
+    raise FileNotFoundError(f"Teacher checkpoint {teacher!r} not found: give a file path (e.g. runs/teacher/teacher.pt), a "
+                            "RobustBench name (e.g. Wang2023Better_WRN-28-10 with --data cifar100; the names are in "
+                            "igdmfast.models.ROBUSTBENCH_TEACHERS) or 'auto'.")
+
+def _teacher_arg(teacher, dev, arch=None, data='digits', teacher_dir=None, n_classes=None):
+    "Load `--teacher` onto `dev`: a checkpoint file (built as `arch` when given) or a RobustBench name (its dataset from --data or the class count)."
+    if _is_robustbench_name(teacher):
+        from igdmfast.models import load_teacher
+        if arch: raise CLIError(f"--teacher {teacher} is a RobustBench teacher whose architecture igdmfast knows: leave out --teacher-arch.")
+        return load_teacher(teacher, dataset=_rb_datasets(teacher, data, n_classes)[0], teacher_dir=teacher_dir).to(dev)
     return _load_model(teacher, arch, '--teacher-arch').to(dev)
 
-def _check_teacher_arg(teacher):
-    if teacher != 'auto' and not Path(teacher).is_file():
-        raise FileNotFoundError(f"Teacher checkpoint {teacher!r} not found: give a file path (e.g. runs/teacher/teacher.pt) or 'auto'.")
-
-# %% ../nbs/10_cli.ipynb #2c0292f2
+# %% ../nbs/10_cli.ipynb #17f30ed1
 def train(data:str='digits', # dataset name, .npz path or image folder
           teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
           teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
+          teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default $IGDMFAST_TEACHERS, else models/)
+          inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone, Table 6's teacher-free recipe)
           student:str='tiny_mobilenet_cifar', # any registered or timm model name
           method:str='adaad', # adversarial-distillation method (see igdmfast.methods.METHODS)
           igdm:bool=True, # add the IGDM term
@@ -445,23 +480,24 @@ def train(data:str='digits', # dataset name, .npz path or image folder
     _check_numbers(epochs, bs, steps, lr, n_aa, alpha)
     sched = _schedule(protocol, milestones, epochs)
     get_method(method)   # fail fast, before any training
-    _check_teacher_arg(teacher)
+    t_file = _check_teacher_arg(teacher, data, teacher_dir)
+    _check_inner(inner)
     _check_model_name(student, '--student')
     if teacher == 'auto': teacher_arch = teacher_arch or 'small_cnn'
     if teacher_arch: _check_model_name(teacher_arch, '--teacher-arch')
     threat = _threat(eps, step, steps)
     dev = _device(device)
-    with RunFolder(out, resume, force, inputs=[teacher], active=_is_main()) as rf:
+    with RunFolder(out, resume, force, inputs=t_file, active=_is_main()) as rf:
         seed_everything(seed)
         dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
-        t_model = _teacher_arg(teacher, dev, teacher_arch) if teacher != 'auto' else None
-        cfg = dict(command='train', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, method=method,
+        t_model = _teacher_arg(teacher, dev, teacher_arch, data, teacher_dir, dls.c) if teacher != 'auto' else None
+        cfg = dict(command='train', data=data, teacher=teacher, teacher_arch=teacher_arch, teacher_dir=teacher_dir, inner=inner, student=student, method=method,
                    igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid,
                    n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
         out = rf.claim(cfg)
         teacher_s = 0.
         if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16, sched)
-        learn, student_s = _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16, sched)
+        learn, student_s = _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16, sched, inner)
         if not _is_main(): return {}   # rank 0 evaluates and writes the report
         t_name = f'teacher ({teacher_arch if teacher == "auto" else Path(teacher).name})'
         s_name = f"student ({student}, {method}{'+IGDM' if igdm else ''})"
@@ -595,7 +631,7 @@ def _eval_out(model):
     p = Path(model).resolve()
     return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
 
-# %% ../nbs/10_cli.ipynb #c6e04dc9
+# %% ../nbs/10_cli.ipynb #47b2c2dd
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -648,6 +684,8 @@ def _compare_table(teacher_row, rows):
 def compare(data:str='digits', # dataset name, .npz path or image folder
             teacher:str='auto', # a teacher checkpoint, or 'auto' to train a robust one with PGD-AT first
             teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
+            teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default $IGDMFAST_TEACHERS, else models/)
+            inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone, Table 6's teacher-free recipe)
             student:str='tiny_mobilenet_cifar', # any registered or timm model name
             methods:str='adaad', # comma-separated methods, each run with and without IGDM (e.g. ard,rslad,adaad,pgd_at)
             alpha:float|None=None, # IGDM's alpha for every method (default: each method's value in the paper's table)
@@ -685,7 +723,8 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     if _n_processes() > 1:
         raise CLIError("igdmfast compare runs in one process (it evaluates each variant between trainings): launch "
                        "`igdmfast train` with --igdm and --no-igdm on several processes instead, or compare on one GPU.")
-    _check_teacher_arg(teacher)
+    t_file = _check_teacher_arg(teacher, data, teacher_dir)
+    _check_inner(inner)
     _check_model_name(student, '--student')
     if teacher == 'auto': teacher_arch = teacher_arch or 'small_cnn'
     if teacher_arch: _check_model_name(teacher_arch, '--teacher-arch')
@@ -695,13 +734,13 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
     multi = len(seed_list) > 1
     variants = [_variant_dir(m, ig) for m in names for ig in (False, True)]
     subdirs = [f'seed{s}' for s in seed_list] if multi else variants
-    with RunFolder(out, resume, force, inputs=[teacher], subdirs=subdirs) as rf:
+    with RunFolder(out, resume, force, inputs=t_file, subdirs=subdirs) as rf:
         # one data subset, teacher and evaluation for every variant; each seed fixes a student's initial weights and data order
         make_dls = lambda: get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
         seed_everything(seed)
         dls = make_dls()
-        t_model = _teacher_arg(teacher, dev, teacher_arch) if teacher != 'auto' else None
-        cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, student=student, methods=names,
+        t_model = _teacher_arg(teacher, dev, teacher_arch, data, teacher_dir, dls.c) if teacher != 'auto' else None
+        cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, teacher_dir=teacher_dir, inner=inner, student=student, methods=names,
                    alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
                    n_curve=n_curve, seed=seed, seeds=seed_list, device=dev, bf16=bf16, versions=_versions())
         out = rf.claim(cfg)
@@ -739,7 +778,7 @@ def compare(data:str='digits', # dataset name, .npz path or image folder
                         print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
                         r = json.loads((run_dir/'result.json').read_text())
                     else:
-                        learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, s, bf16, sched)
+                        learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, s, bf16, sched, inner)
                         old = json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').is_file() else {}
                         spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else old.get('seconds_per_epoch')
                         _write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, seed=s, alpha_used=learn.alpha, seconds_per_epoch=spe))
@@ -799,7 +838,7 @@ def _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, thr
     print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, plots, one folder per variant)")
     return result
 
-# %% ../nbs/10_cli.ipynb #35122699
+# %% ../nbs/10_cli.ipynb #bd8321cf
 def _common(p, out, epochs=True):
     "Options shared by the training commands."
     p.add_argument('--data', default='digits', help='dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder')
@@ -824,10 +863,12 @@ def _common(p, out, epochs=True):
     p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
 
 def _distill_options(p):
-    p.add_argument('--teacher', default='auto', help="teacher checkpoint (e.g. runs/teacher/teacher.pt), or 'auto' to train a robust one with PGD-AT first")
+    p.add_argument('--teacher', default='auto', help="teacher checkpoint (e.g. runs/teacher/teacher.pt), a RobustBench name (e.g. Wang2023Better_WRN-28-10 with --data cifar100), or 'auto' to train a robust one with PGD-AT first")
     p.add_argument('--teacher-arch', dest='teacher_arch', default=None, help="the teacher's architecture: of the one 'auto' trains (default small_cnn), or of a --teacher file that does not record it (e.g. wrn34_10 for a RobustBench file)")
     p.add_argument('--student', default='tiny_mobilenet_cifar', help='student model name registered with timm')
     p.add_argument('--alpha', type=float, default=None, help="IGDM's alpha (default: the paper's table for the data and student)")
+    p.add_argument('--teacher-dir', dest='teacher_dir', default=None, help="with a RobustBench name as --teacher (e.g. Wang2023Better_WRN-28-10): the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default: $IGDMFAST_TEACHERS, else models/)")
+    p.add_argument('--inner', default=None, help="the inner maximization: the method's own (default), or student_ce: PGD-CE on the student alone (the paper's Table 6 recipe without the teacher in the attack)")
 
 def _parser():
     p = argparse.ArgumentParser(prog='igdmfast', description='Adversarially robust distillation with IGDM.')
