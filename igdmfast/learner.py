@@ -139,7 +139,7 @@ def _speed(cbs, model, bf16, compile):
     if compile: model.compile()
     return cbs + [BF16()] if bf16 else cbs
 
-# %% ../nbs/07_learner.ipynb #20885acf
+# %% ../nbs/07_learner.ipynb #f1676ff2
 def _check_dls(dls, who='distill_learner'):
     "`dls` is None or fastai DataLoaders (anything with `train`, `valid`, `device` and `one_batch`), else a clear TypeError."
     if dls is None or all(hasattr(dls, a) for a in ('train', 'valid', 'device', 'one_batch')): return dls
@@ -169,15 +169,16 @@ def _default_dls(dls):
     return dls
 
 def _as_model(m, dls, who):
+    "`m` as a network: a module as it is; a checkpoint file or a RobustBench name loaded (`load_teacher`); a timm name built."
     if isinstance(m, nn.Module): return m
-    if isinstance(m, (str, Path)) and Path(m).is_file():
-        from igdmfast.models import load_teacher
-        return load_teacher(m)
-    if isinstance(m, str):
+    if isinstance(m, (str, Path)):
         import timm
-        try: return timm.create_model(m, num_classes=dls.c, in_chans=dls.in_chans)
-        except RuntimeError: raise ValueError(f"Unknown {who} {m!r}: neither a file nor a model name known to timm "
-                                              f"(see timm.list_models('*cifar*') and igdmfast.models).") from None
+        from igdmfast.models import load_teacher
+        if Path(m).is_file(): return load_teacher(m)
+        if isinstance(m, str) and timm.is_model(m): return timm.create_model(m, num_classes=dls.c, in_chans=dls.in_chans)
+        # neither a file nor an architecture: a RobustBench name (its dataset from the class count), else load_teacher's
+        # own message (the path it looked for, or the names it knows)
+        return load_teacher(str(m), dataset={10: 'cifar10', 100: 'cifar100'}.get(getattr(dls, 'c', None)))
     raise TypeError(f"The {who} must be an nn.Module, a model name or a checkpoint path, got {type(m).__name__}.")
 
 def _learner(model, dls, cbs, metrics, protocol, epochs, learner_kwargs):

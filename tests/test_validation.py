@@ -145,6 +145,9 @@ API_CASES = [
     ('teacher-student-classes', lambda t: distill_learner(fresh(5), fresh(), dls(), check_teacher=False), ValueError, r'teacher.*5 classes.*student.*10'),
     ('student-data-classes', lambda t: distill_learner(fresh(), fresh(5), dls(), check_teacher=False), ValueError, r'student.*5 classes.*data.*10'),
     ('alignment-classes', lambda t: grad_alignment(net(), net(num_classes=5), (X(), Y() % 5)), ValueError, r'student outputs 10 classes but the teacher outputs 5'),
+    # issue #14 item 9: a teacher string that is neither a file nor a model name says so (it used to end in timm's Hub error)
+    ('teacher-path-missing', lambda t: distill_learner(str(t/'missing.pt'), fresh(), dls()), FileNotFoundError, r"No checkpoint file at .*missing.pt"),
+    ('teacher-name-unknown', lambda t: distill_learner('Wang2023Beter', fresh(), dls()), FileNotFoundError, r"neither a file nor a RobustBench teacher name.*Wang2023Better_WRN-28-10"),
     # a teacher with trainable parameters is no longer a warning (issue #14 item 11: freezing it is the library's job):
     # tests/test_paper_methods.py::test_trainable_teacher_frozen_silently checks it is frozen, untouched and silent
     # unknown method / model / dataset / attack
