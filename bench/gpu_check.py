@@ -121,8 +121,11 @@ def step_sides(method, teacher, student, x, y, cfg, dev, names)->tuple[dict, dic
     opts = learner_options()
     sides, notes = {}, {}
     def lib(label, note, student_=None, teacher_=None, **o):
+        if 'attack_dtype' in opts: o.setdefault('attack_dtype', None)   # explicit: 'auto' would turn bf16=True into a bf16 attack on CUDA
         learn = learner(copy.deepcopy(teacher) if teacher_ is None else teacher_, copy.deepcopy(student) if student_ is None else student_,
                         x, y, method, cfg, dev, **o)
+        adv = getattr(learn, 'adv_examples', None)
+        if hasattr(adv, 'check_precision'): adv.check_precision = False   # timed without the once-per-fit soundness check (see its own section)
         sides[label], notes[label] = (lambda: fit(learn)), note
     if 'reference' in names:
         s, t, opt = reference.make(copy.deepcopy(student), copy.deepcopy(teacher), method, dev)
@@ -132,9 +135,10 @@ def step_sides(method, teacher, student, x, y, cfg, dev, names)->tuple[dict, dic
         notes['reference'] = 'bench/reference.py, float32'
     if 'fp32' in names: lib('fp32', 'distill_learner, float32 everywhere')
     if 'bf16' in names:
-        lib('bf16 outer', 'distill_learner(bf16=True): outer forwards/backward in bf16, attack and teacher in fp32', bf16=True)
+        lib('bf16 outer', 'distill_learner(bf16=True, attack_dtype=None): outer forwards/backward in bf16, attack and teacher in fp32', bf16=True)
     if 'bf16_attack' in names and 'attack_dtype' in opts:
-        lib('bf16 attack', 'distill_learner(bf16=True, attack_dtype=bfloat16): the attack and the outer step in bf16',
+        lib('bf16 attack', 'distill_learner(bf16=True, attack_dtype=bfloat16): the attack and the outer step in bf16 '
+            '(timed without the soundness check that runs at the first batch of each fit)',
             bf16=True, attack_dtype=torch.bfloat16)
     if 'channels_last' in names:
         lib('channels-last', 'distill_learner, float32, student and teacher channels-last',
@@ -174,8 +178,10 @@ def attack_pass_sides(method, teacher, student, x, y, cfg, dev)->dict:
     from igdmfast.core import ThreatModel
     from igdmfast.methods import get_method
     from igdmfast.precision import attack_models
+    from igdmfast.callback.adversarial import bn_folded
     m = get_method(method)
-    s, t = copy.deepcopy(student).to(dev).eval(), copy.deepcopy(teacher).to(dev).eval()
+    # the views the library's attack runs (fold_bn=True, its default): conv→BN folded, eval mode
+    s, t = bn_folded(copy.deepcopy(student).to(dev).eval()), bn_folded(copy.deepcopy(teacher).to(dev).eval())
     xb, yb = x[:cfg['bs']].to(dev), y[:cfg['bs']].to(dev)
     threat = ThreatModel(n_steps=cfg['pgd'])
     with torch.no_grad(): t_nat = t(xb)
@@ -206,26 +212,36 @@ def step_part(args, cfg, dev, teacher, student)->dict:
         wall, cpu = interleaved(sides, cfg['repeats'], dev)
         if in_fit is not None: wall['compile'] = cpu['compile'] = in_fit   # cpu: not measured in-fit (wall only)
         ref = med(wall['reference']) if 'reference' in wall else None
+        ref_c = med(cpu['reference']) if 'reference' in cpu else None
         rows = []
         for k in wall:
-            rows.append(dict(method=f"{method}+igdm", side=k, **{'img/s': n / med(wall[k]),
-                             'vs reference': (ref / med(wall[k])) if ref else None,
-                             'peak MiB': peak_mib(sides[k], dev) if k in sides else None},
-                             what=notes[k], wall_s=wall[k], cpu_s=cpu[k]))
+            row = dict(method=f"{method}+igdm", side=k, **{'img/s': n / med(wall[k]), 'vs reference': (ref / med(wall[k])) if ref else None})
+            if dev.type == 'cpu' and k != 'compile':
+                row.update({'img/cpu-s': n / med(cpu[k]), 'vs reference (cpu-s)': (ref_c / med(cpu[k])) if ref_c else None})
+            row.update({'peak MiB': peak_mib(sides[k], dev) if k in sides else None, 'what': notes[k], 'wall_s': wall[k], 'cpu_s': cpu[k]})
+            rows.append(row)
         rows += [dict(method=f"{method}+igdm", side=k, what=f"{notes[k]} -- FAILED: {err}", error=err) for k, err in failed.items()]
         if 'bf16_attack' in names and 'attack_dtype' not in learner_options():   # not plumbed yet: the attack pass alone
             att = attack_pass_sides(method, teacher, student, x, y, cfg, dev)
-            aw, _ = interleaved(att, cfg['repeats'], dev)
-            f32, b16 = med(aw['attack pass fp32']), med(aw['attack pass bf16'])
-            fp32_step = med(wall['fp32']) if 'fp32' in wall else None
-            est = (fp32_step - f32 + b16) if fp32_step else None
-            rows.append(dict(method=f"{method}+igdm", side='bf16 attack (estimate)',
-                             **{'img/s': n / est if est else None, 'vs reference': (ref / est) if (ref and est) else None,
-                                'peak MiB': None},
-                             what=(f"NOT through the library (distill_learner has no attack_dtype yet): the fp32 step with its "
-                                   f"attack pass replaced by the bf16 one, timed alone via perturb on attack_models(...): "
-                                   f"attack pass fp32 {f32:.3f} s, bf16 {b16:.3f} s ({f32 / b16:.2f}x)"),
-                             attack_fp32_s=aw['attack pass fp32'], attack_bf16_s=aw['attack pass bf16']))
+            aw, ac = interleaved(att, cfg['repeats'], dev)
+            def estimate(times, step):   # the fp32 step with its attack pass replaced by the bf16 one
+                f32, b16 = med(times['attack pass fp32']), med(times['attack pass bf16'])
+                return (med(step['fp32']) - f32 + b16) if 'fp32' in step else None, f32, b16
+            est, f32, b16 = estimate(aw, wall)
+            row = dict(method=f"{method}+igdm", side='bf16 attack (estimate)',
+                       **{'img/s': n / est if est else None, 'vs reference': (ref / est) if (ref and est) else None})
+            if dev.type == 'cpu':
+                est_c, f32, b16 = estimate(ac, cpu)   # the note quotes CPU-seconds on the CPU
+                row.update({'img/cpu-s': n / est_c if est_c else None, 'vs reference (cpu-s)': (ref_c / est_c) if (ref_c and est_c) else None})
+            unit = 'CPU-s' if dev.type == 'cpu' else 's'
+            row.update({'peak MiB': None,
+                        'what': (f"NOT through the library (distill_learner has no attack_dtype yet): the fp32 step with its "
+                                 f"attack pass replaced by the bf16 one, the method's attack timed alone on the conv-BN-folded "
+                                 f"views wrapped by attack_models(...): attack pass fp32 {f32:.3f} {unit}, bf16 {b16:.3f} {unit} "
+                                 f"({f32 / b16:.2f}x)"),
+                        'attack_fp32_s': aw['attack pass fp32'], 'attack_bf16_s': aw['attack pass bf16'],
+                        'attack_fp32_cpu_s': ac['attack pass fp32'], 'attack_bf16_cpu_s': ac['attack pass bf16']})
+            rows.append(row)
         out[method] = rows
     return out
 
@@ -321,11 +337,14 @@ def markdown(rep:dict)->str:
     if rep.get('skipped'): lines += [f"Skipped (past the time budget): {', '.join(rep['skipped'])}", ""]
     if 'step' in rep:
         lines += ["## Training step against bench/reference.py", "",
-                  "`vs reference`: the reference's seconds per step over the side's (above 1: faster). Peak memory: "
+                  "`vs reference`: the reference's seconds per step over the side's (above 1: faster)"
+                  + ("" if 'gpu' in m else "; on a shared CPU the CPU-seconds of the process (`cpu-s`, one thread) are the "
+                     "steadier measure, wall-clock includes waiting for a core") + ". Peak memory: "
                   + ("`torch.cuda.max_memory_allocated` during one run." if 'gpu' in m else
                      "the process's peak RSS so far (it only grows: a high-water mark, not per side)."), ""]
         rows = [r for rows in rep['step'].values() for r in rows]
-        lines += ['```', table(rows, ['method', 'side', 'img/s', 'vs reference', 'peak MiB']), '```', ""]
+        cpu_cols = ['img/cpu-s', 'vs reference (cpu-s)'] if 'gpu' not in m else []
+        lines += ['```', table(rows, ['method', 'side', 'img/s', 'vs reference'] + cpu_cols + ['peak MiB']), '```', ""]
         seen = {}
         for r in rows: seen.setdefault(r['what'], []).append(f"{r['method']} {r['side']}" if 'estimate' in r['side'] else r['side'])
         lines += [f"- {', '.join(dict.fromkeys(v))}: {k}" for k, v in seen.items()] + [""]
