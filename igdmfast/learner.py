@@ -139,7 +139,7 @@ def _speed(cbs, model, bf16, compile):
     if compile: model.compile()
     return cbs + [BF16()] if bf16 else cbs
 
-# %% ../nbs/07_learner.ipynb #f1676ff2
+# %% ../nbs/07_learner.ipynb #77520e6f
 def _check_dls(dls, who='distill_learner'):
     "`dls` is None or fastai DataLoaders (anything with `train`, `valid`, `device` and `one_batch`), else a clear TypeError."
     if dls is None or all(hasattr(dls, a) for a in ('train', 'valid', 'device', 'one_batch')): return dls
@@ -167,6 +167,12 @@ def _default_dls(dls):
     print(f"No DataLoaders given: using the embedded scikit-learn digits ({len(dls.train.dataset)} train / "
           f"{len(dls.valid.dataset)} valid images, {dls.in_chans}x{dls.img_size[0]}x{dls.img_size[1]}, {dls.c} classes).")
     return dls
+
+def _attack_dtype(attack_dtype, dls, bf16):
+    "The attack precision of the learners' `attack_dtype`: 'auto' follows `default_attack_dtype` for the data's device."
+    from igdmfast.precision import as_attack_dtype, default_attack_dtype
+    if isinstance(attack_dtype, str) and attack_dtype.lower() == 'auto': return default_attack_dtype(dls.device, bf16)
+    return as_attack_dtype(attack_dtype)
 
 def _as_model(m, dls, who):
     "`m` as a network: a module as it is; a checkpoint file or a RobustBench name loaded (`load_teacher`); a timm name built."
@@ -209,6 +215,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     fold_bn:bool=True, # run eval-mode conv→BatchNorm pairs (attack, teacher) as one convolution
                     bf16:bool=False, # bfloat16 autocast for the student's outer forwards and backward (attack and teacher in fp32)
                     compile:bool=False, # `torch.compile` the student (in place) and the view the attack runs
+                    attack_dtype='auto', # the inner maximization's precision: 'auto' (`default_attack_dtype`: bf16 with `bf16=True` on a GPU), None/'fp32', 'bf16' or 'fp16'; checked against float32 at each fit's first batch
                     **learner_kwargs:Any, # anything else for fastai's `Learner` (cbs, path, lr, wd, opt_func, ...)
                    )->AdvLearner:
     "A fastai `Learner` that distills `teacher` into `student` with `method`, plus IGDM when `igdm`."
@@ -227,14 +234,16 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
               + ("" if exact else f" (no row for {getattr(dls, 'name', 'this data')}/{_arch(student)}: the default row)") + ".")
     if check_teacher: _warn_if_not_robust(teacher, dls, threat)
     dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn)
-    cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile), dist], student, bf16, compile)
+    attack_dtype = _attack_dtype(attack_dtype, dls, bf16)
+    cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], student, bf16, compile)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     learn = _learner(student, dls, cbs, metrics + [DistillStat(k) for k in dist.stat_names], protocol, epochs, learner_kwargs)
-    store_attr('method,inner,igdm,alpha,threat,protocol,fold_bn,bf16,compile', self=learn, method=m.name, inner=m.inner_name,
-               igdm=igdm, alpha=alpha, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile)
+    store_attr('method,inner,igdm,alpha,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, inner=m.inner_name,
+               igdm=igdm, alpha=alpha, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile,
+               attack_dtype=attack_dtype)
     return learn
 
-# %% ../nbs/07_learner.ipynb #5294466e
+# %% ../nbs/07_learner.ipynb #124eda24
 def adv_learner(model:nn.Module|str, # the network to train robustly: a module or a model name
                 dls:DataLoaders|None=None, # fastai DataLoaders with images in [0,1] (default: the embedded digits)
                 method:str='pgd_at', # 'pgd_at' or 'trades' (methods that need no teacher)
@@ -246,6 +255,7 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
                 fold_bn:bool=True, # run the eval-mode attack's conv→BatchNorm pairs as one convolution
                 bf16:bool=False, # bfloat16 autocast for the outer forward and backward (the attack in fp32)
                 compile:bool=False, # `torch.compile` the model (in place) and the view the attack runs
+                attack_dtype='auto', # the attack's precision (see `distill_learner`)
                 **learner_kwargs:Any, # anything else for fastai's `Learner`
                )->AdvLearner:
     "A fastai `Learner` that trains `model` adversarially with a teacher-free method (PGD-AT or TRADES)."
@@ -260,10 +270,11 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
     check_compatible(model, None, dls)
     dist = AdvDistill(m, None, igdm=False, loss_kwargs=loss_kwargs)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
-    cbs = _speed([AdvExamples(m, None, threat, fold_bn=fold_bn, compile=compile), dist], model, bf16, compile)
+    attack_dtype = _attack_dtype(attack_dtype, dls, bf16)
+    cbs = _speed([AdvExamples(m, None, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], model, bf16, compile)
     learn = _learner(model, dls, cbs, metrics + [DistillStat('base_loss')], protocol, epochs, learner_kwargs)
-    store_attr('method,threat,protocol,fold_bn,bf16,compile', self=learn, method=m.name, threat=threat, protocol=protocol,
-               fold_bn=fold_bn, bf16=bf16, compile=compile)
+    store_attr('method,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, threat=threat, protocol=protocol,
+               fold_bn=fold_bn, bf16=bf16, compile=compile, attack_dtype=attack_dtype)
     return learn
 
 # %% ../nbs/07_learner.ipynb #55e77542

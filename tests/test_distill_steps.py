@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastai.callback.core import Callback
 import fastai.callback.progress  # noqa: F401  (no_bar)
-from igdmfast.core import ThreatModel
+from igdmfast.core import ThreatModel, seed_everything
 from igdmfast.data import synth_dls
 from igdmfast.learner import distill_learner, adv_learner
 from igdmfast.callback.adversarial import AdvExamples
@@ -482,3 +482,39 @@ def test_fold_bn_off_equals_spec(cid):
     for a, b in zip(run(i)['steps'], run(i, fold_bn=False)['steps']):
         s, t = check_rows(cid.split('-')[0], 'igdm' in cid, a['epoch'])   # no view to check without folding
         assert a['rows']['student'][len(s):] == b['rows']['student'] and a['rows']['teacher'][len(t):] == b['rows']['teacher']
+
+
+# --------------------------------------------------------------- 5. the attack's precision option (issue #17)
+
+OPTION_IDS = ['pgd_at-base', 'ard-igdm', 'rslad-igdm', 'adaad-igdm', 'trades-igdm', 'adaad-igdm-student_ce']
+
+@pytest.mark.parametrize('cid', OPTION_IDS)
+@pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
+def test_attack_dtype_changes_no_math_and_no_forward(cid, dtype):
+    """`attack_dtype` only changes the precision the attack runs in: with float64 models (which autocast leaves alone)
+    the steps equal the float32 option's bit for bit, with the same forward passes of the student and the teacher.
+    The soundness check is switched off here because it adds its own attacks at the first batch (tested below)."""
+    name, igdm, kw, inner = CONFIGS[IDS.index(cid)]
+    runs = []
+    for attack_dtype in (None, dtype):
+        seed_everything(0)   # the same batch order for both (fastai draws it from Python's random)
+        student, teacher = make_student(), make_teacher()
+        learn = build(name, igdm, kw, make_dls(), student, teacher, inner=inner, attack_dtype=attack_dtype)
+        adv = next(cb for cb in learn.cbs if isinstance(cb, AdvExamples))
+        adv.check_precision = False
+        assert (adv.attack_dtype is None) == (attack_dtype is None)
+        counters = dict(student=Counter(student), teacher=Counter(teacher))
+        probe = Probe(counters)
+        with learn.no_bar(), learn.no_logging(): learn.fit(N_EPOCH, cbs=[probe, F32Loss()])
+        runs.append(probe.steps)
+    for a, b in zip(*runs):
+        assert torch.equal(a['x'], b['x']) and torch.equal(a['x_adv'], b['x_adv']) and torch.equal(a['loss'], b['loss']) and a['rows'] == b['rows']
+        assert all(torch.equal(a['grads'][n], b['grads'][n]) for n in a['grads'])
+
+
+def test_attack_dtype_check_is_skipped_in_float64():
+    "Autocast leaves float64 alone, so a float64 run has nothing to check (the check compares against float32 images)."
+    name, igdm, kw, inner = CONFIGS[IDS.index('adaad-igdm')]
+    learn = build(name, igdm, kw, make_dls(), make_student(), make_teacher(), inner=inner, attack_dtype='bf16')
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[F32Loss()])
+    assert next(cb for cb in learn.cbs if isinstance(cb, AdvExamples)).precision_check is None

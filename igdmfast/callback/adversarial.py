@@ -79,7 +79,7 @@ def _checked_view(view:nn.Module, model:nn.Module, x:Tensor)->nn.Module:
     ok = isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4)
     return view if ok else model
 
-# %% ../../nbs/06_callback.adversarial.ipynb #bb61bd5c
+# %% ../../nbs/06_callback.adversarial.ipynb #278da4ff
 class AdvExamples(Callback):
     "Replace each training batch by the method's adversarial examples x′; the clean batch stays in `self.x_nat`."
     order, run_valid = MixedPrecision.order - 3, False  # before AdvDistill and before autocast: the attack runs in fp32
@@ -90,8 +90,13 @@ class AdvExamples(Callback):
                  threat:ThreatModel|None=None, # eps, step size and steps of the inner maximization (default 8/255, 2/255, 10)
                  fold_bn:bool=True, # run eval-mode conv→BatchNorm pairs as one convolution in the attack (`bn_folded`)
                  compile:bool=False, # `torch.compile` the student's view the attack runs
+                 attack_dtype=None, # the attack's precision: None (float32), 'bf16'/'fp16' or a torch dtype (`igdmfast.precision`)
+                 check_precision:bool=True, # at a fit's first batch, check the reduced-precision attack against float32; fall back if it falls short
                 ):
         self.method, self.teacher, self.fold_bn, self.compile = get_method(method), teacher, fold_bn, compile
+        from igdmfast.precision import as_attack_dtype
+        self.attack_dtype, self.check_precision = as_attack_dtype(attack_dtype), check_precision
+        self.precision_check = None   # the `PrecisionCheck` of the last fit (None: no reduced precision, or not checked)
         self.threat = threat if threat is not None else ThreatModel()
         if not isinstance(self.threat, ThreatModel): raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}.")
         if (self.method.teacher_before_attack or self.method.teacher_in_attack) and teacher is None:
@@ -105,6 +110,7 @@ class AdvExamples(Callback):
     def before_fit(self):
         if self.teacher is not None: self.teacher = prepare_teacher(self.teacher, self.dls.device)
         self._views = {}
+        self.dtype, self._checked = self.attack_dtype, not (self.attack_dtype and self.check_precision)
 
     def view(self, model:nn.Module, x:Tensor)->nn.Module:
         "The module that runs `model`'s eval-mode forwards: its `bn_folded` view (built and checked once per fit) or itself."
@@ -131,7 +137,18 @@ class AdvExamples(Callback):
         t = None if self.teacher is None else self.view(self.teacher, x)
         if self.method.teacher_before_attack:
             with torch.no_grad(): self.t_nat = t(x)
-        self.learn.xb = (self.method.attack(self._student(x), t, x, y, self.threat, self.t_nat),)
+        if not self._checked and x.dtype == torch.float32: self._check_precision(x, y)   # float64 runs: autocast leaves them alone
+        from igdmfast.precision import attack_models
+        s, t = attack_models(self._student(x), t, self.dtype)   # unchanged in float32; autocast wrappers otherwise
+        self.learn.xb = (self.method.attack(s, t, x, y, self.threat, self.t_nat),)
+
+    def _check_precision(self, x, y):
+        "The soundness check of the reduced-precision attack (first batch of a fit): float32 from here on if it falls short."
+        from igdmfast.precision import check_method_precision
+        t = None if self.teacher is None else self.view(self.teacher, x)
+        self.precision_check = check_method_precision(self.method, self._student(x), t, x, y, self.threat, self.dtype, warn=True)
+        if self.precision_check.fallback: self.dtype = None
+        self._checked = True
 
     def after_batch(self): self.x_nat = self.t_nat = None
 

@@ -1,0 +1,60 @@
+"""The attack's precision option of the learners (issue #17) on real float32 data: the soundness check at a fit's first
+batch, its fallback to float32 when forced, and that neither leaves a trace on the training (weights bit for bit).
+The math of the option itself (float64: the same steps and forward passes as float32) is in test_distill_steps.py."""
+import warnings
+import pytest
+import timm
+import torch
+
+import fastai.callback.progress  # noqa: F401 (no_bar)
+import igdmfast.precision as precision
+from igdmfast.core import ThreatModel, seed_everything
+from igdmfast.data import get_dls
+from igdmfast.learner import distill_learner, adv_learner
+from igdmfast.callback.adversarial import AdvExamples
+from igdmfast.precision import AttackPrecisionWarning
+
+THREAT = ThreatModel(eps=0.1, step_size=0.025, n_steps=3)
+
+
+def fit(attack_dtype, check=True, method='adaad'):
+    "One epoch on 64 digits from seed 0; the final weights and the AdvExamples callback."
+    seed_everything(0)
+    dls = get_dls('digits', n_train=64, n_valid=32, bs=32, device='cpu')
+    torch.manual_seed(1); teacher = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=8)
+    torch.manual_seed(2); student = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4)
+    learn = distill_learner(teacher, student, dls, method=method, alpha=1., threat=THREAT, attack_dtype=attack_dtype, check_teacher=False)
+    adv = next(cb for cb in learn.cbs if isinstance(cb, AdvExamples))
+    adv.check_precision = check
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    return {k: v.clone() for k, v in learn.model.state_dict().items()}, adv
+
+
+@pytest.mark.parametrize('method', ['adaad', 'rslad'])
+def test_the_check_runs_at_the_first_batch_and_changes_nothing(method):
+    checked, adv = fit('bf16', True, method)
+    unchecked, adv0 = fit('bf16', False, method)
+    assert adv0.precision_check is None and adv.precision_check is not None
+    assert adv.precision_check.ok and adv.dtype == torch.bfloat16, str(adv.precision_check)
+    assert all(torch.equal(checked[k], unchecked[k]) for k in checked)   # the check consumed no randomness, moved no BN
+
+
+def test_a_failed_check_warns_and_falls_back_to_float32(monkeypatch):
+    "Forced to fail (a tolerance no attack meets), the fit warns once and trains exactly as attack_dtype=None would."
+    real = precision.check_method_precision
+    monkeypatch.setattr(precision, 'check_method_precision',
+                        lambda *a, **k: real(*a, **{**k, 'tol_objective': -1.0, 'tol_success': -1.0}))
+    with pytest.warns(AttackPrecisionWarning) as w: fell, adv = fit('bf16')
+    assert len([m for m in w if issubclass(m.category, AttackPrecisionWarning)]) == 1
+    assert adv.precision_check.fallback and adv.dtype is None
+    fp32, _ = fit(None)
+    assert all(torch.equal(fell[k], fp32[k]) for k in fp32)
+
+
+def test_auto_is_float32_on_a_cpu_and_bad_values_are_refused():
+    dls = get_dls('digits', n_train=64, n_valid=32, bs=32, device='cpu')
+    torch.manual_seed(0)
+    m = lambda: timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4)
+    assert adv_learner(m(), dls, threat=THREAT).attack_dtype is None      # 'auto' without bf16
+    assert adv_learner(m(), dls, threat=THREAT, attack_dtype='bf16').attack_dtype == torch.bfloat16
+    with pytest.raises((ValueError, TypeError), match='bf16'): adv_learner(m(), dls, threat=THREAT, attack_dtype='int8')
