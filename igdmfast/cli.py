@@ -134,7 +134,7 @@ def _check_model_name(name, flag):
         raise CLIError(f"Unknown model {name!r} for {flag}: use a registered name such as small_cnn, tiny_mobilenet_cifar, "
                        "tiny_resnet_cifar, resnet18_cifar, mobilenetv2_cifar, wrn34_10, or any timm model.")
 
-# %% ../nbs/10_cli.ipynb #7fb6f9e2
+# %% ../nbs/10_cli.ipynb #c1d113bd
 RUN_FILES = ('config.json', 'checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.pt', 'history.csv',
              'teacher_history.csv', 'metrics.json', 'report.md', 'compare.json', 'compare.md', 'result.json',
              'grad_cosines.png', 'training_curves.png', 'acc_vs_eps.png', 'seeds.png')
@@ -142,7 +142,7 @@ SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.p
 LOCK_FILE = '.igdmfast.lock'
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
-                  'seeds', 'bf16', 'inner', 'model', 'attacks', 'n')
+                  'seeds', 'bf16', 'attack_dtype', 'inner', 'model', 'attacks', 'n')
 
 def _write_json(path, obj):
     "Write `obj` as JSON to `path` atomically (`core.atomic_write`: a temporary file, fsync, rename)."
@@ -271,7 +271,7 @@ class RunFolder:
         self._release()
         return False
 
-# %% ../nbs/10_cli.ipynb #c0ac2ae0
+# %% ../nbs/10_cli.ipynb #fcec923f
 from fastai.callback.core import Callback
 
 class EpochLines(Callback):
@@ -328,14 +328,24 @@ def _fit(learn, epochs, ckpt, resume, sched=None):
         else: learn.fit_one_cycle(epochs, start_epoch=start)
     return start, time.time() - t
 
-def _learner_opts(bf16, lr=None, sched=None):
-    "Keyword arguments of the learners for the CLI's schedule, learning rate and precision options."
+def _learner_opts(prec, lr=None, sched=None):
+    "Keyword arguments of the learners for the CLI's schedule, learning rate and precision (`_precision`) options."
     kw = dict(protocol=(sched or {}).get('protocol', 'fastai'))
     if lr is not None: kw['lr'] = lr
-    if bf16: kw['bf16'] = True
+    prec = prec if isinstance(prec, dict) else dict(bf16=False, attack_dtype='auto')
+    if prec['bf16']: kw['bf16'] = True
+    kw['attack_dtype'] = prec['attack_dtype']
     return kw
 
-def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16=False, sched=None):
+def _precision(bf16, attack_dtype):
+    "The training precision options: `--bf16` (the outer step) and `--attack-dtype` (the inner maximization)."
+    from igdmfast.precision import as_attack_dtype
+    if str(attack_dtype).lower() != 'auto':
+        try: as_attack_dtype(attack_dtype)
+        except (ValueError, TypeError): raise CLIError(f"--attack-dtype must be auto, fp32, bf16 or fp16, got {attack_dtype!r}.") from None
+    return dict(bf16=bf16, attack_dtype=attack_dtype)
+
+def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, prec=None, sched=None):
     "Train a robust teacher with `adv_learner` (PGD-AT or TRADES) into `out/teacher.pt`; returns (model, seconds)."
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import seed_everything
@@ -350,7 +360,7 @@ def _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf1
     seed_everything(seed)
     learn = adv_learner(_model_arg(arch, dls), dls, method=method, threat=threat, path=out,
                         cbs=_logger('teacher_history.csv') + [Checkpoint('teacher_checkpoint.pt'), StopOnNaN()],
-                        **_learner_opts(bf16, lr, sched))
+                        **_learner_opts(prec, lr, sched))
     _plain_progress(learn)
     _, secs = _fit(learn, epochs, out/'teacher_checkpoint.pt', resume, sched)
     model = learn.model.eval().requires_grad_(False)
@@ -374,7 +384,7 @@ def _logger(fname):
     from fastai.callback.tracker import CSVLogger
     return [CSVLogger(fname=fname)] if _is_main() else []
 
-def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16=False, sched=None, inner=None):
+def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, prec=None, sched=None, inner=None):
     "Distill `t_model` into a fresh seeded `student` in folder `out` (checkpoint.pt, history.csv, student.pt); returns (learner, seconds)."
     from fastai.callback.tracker import CSVLogger
     from igdmfast.core import seed_everything
@@ -384,7 +394,7 @@ def _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out
     s_model = _model_arg(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
     learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner,
-                            cbs=_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()], **_learner_opts(bf16, lr, sched))
+                            cbs=_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()], **_learner_opts(prec, lr, sched))
     _plain_progress(learn)
     start, secs = _fit(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
     if _is_main(): learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed,
@@ -444,7 +454,7 @@ def _teacher_arg(teacher, dev, arch=None, data='digits', teacher_dir=None, n_cla
         return load_teacher(teacher, dataset=_rb_datasets(teacher, data, n_classes)[0], teacher_dir=teacher_dir).to(dev)
     return _load_model(teacher, arch, '--teacher-arch').to(dev)
 
-# %% ../nbs/10_cli.ipynb #2f1c0da1
+# %% ../nbs/10_cli.ipynb #de0ea33a
 def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
           teacher:str='auto', # a teacher checkpoint, a RobustBench name (e.g. Wang2023Better_WRN-28-10 with --data cifar100), or 'auto' to train a robust one with PGD-AT first
           teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
@@ -470,7 +480,8 @@ def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar
           resume:bool=False, # continue a killed run from the last complete epoch in `out`
           force:bool=False, # overwrite a folder that holds another run
           device:str='auto', # cpu, cuda, cuda:N or auto
-          bf16:bool=False, # bfloat16 autocast for the training steps (the attack stays in fp32)
+          bf16:bool=False, # bfloat16 autocast for the outer forward and backward of each training step
+          attack_dtype:str='auto', # the inner maximization's precision: auto (bf16 with --bf16 on a GPU, checked against fp32 at the first batch; fp32 on a CPU), fp32, bf16 or fp16
          )->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from igdmfast.core import ThreatModel, seed_everything
@@ -479,6 +490,7 @@ def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar
     from igdmfast.evaluate import grad_alignment, save_report, plot_grad_cosines, plot_training_curves
     _check_numbers(epochs, bs, steps, lr, n_aa, alpha)
     sched = _schedule(protocol, milestones, epochs)
+    prec = _precision(bf16, attack_dtype)
     get_method(method)   # fail fast, before any training
     t_file = _check_teacher_arg(teacher, data, teacher_dir)
     _check_inner(inner)
@@ -493,11 +505,11 @@ def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar
         t_model = _teacher_arg(teacher, dev, teacher_arch, data, teacher_dir, dls.c) if teacher != 'auto' else None
         cfg = dict(command='train', data=data, teacher=teacher, teacher_arch=teacher_arch, teacher_dir=teacher_dir, inner=inner, student=student, method=method,
                    igdm=igdm, alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid,
-                   n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
+                   n_aa=n_aa, seed=seed, device=dev, bf16=bf16, attack_dtype=attack_dtype, versions=_versions())
         out = rf.claim(cfg)
         teacher_s = 0.
-        if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16, sched)
-        learn, student_s = _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, bf16, sched, inner)
+        if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, prec, sched)
+        learn, student_s = _distill(t_model, student, dls, method, igdm, alpha, threat, epochs, lr, out, resume, seed, prec, sched, inner)
         if not _is_main(): return {}   # rank 0 evaluates and writes the report
         t_name = f'teacher ({teacher_arch if teacher == "auto" else Path(teacher).name})'
         s_name = f"student ({student}, {method}{'+IGDM' if igdm else ''})"
@@ -515,7 +527,7 @@ def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar
         print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
         return metrics
 
-# %% ../nbs/10_cli.ipynb #849ca230
+# %% ../nbs/10_cli.ipynb #07b0eeaf
 def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
             arch:str='small_cnn', # the teacher's architecture: any registered or timm model name
             method:str='pgd_at', # 'pgd_at' or 'trades'
@@ -535,7 +547,8 @@ def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
             resume:bool=False, # continue a killed run from the last complete epoch in `out`
             force:bool=False, # overwrite a folder that holds another run
             device:str='auto', # cpu, cuda, cuda:N or auto
-            bf16:bool=False, # bfloat16 autocast for the training steps (the attack stays in fp32)
+            bf16:bool=False, # bfloat16 autocast for the outer forward and backward of each training step
+            attack_dtype:str='auto', # the inner maximization's precision: auto (bf16 with --bf16 on a GPU, checked against fp32 at the first batch; fp32 on a CPU), fp32, bf16 or fp16
            )->dict:
     "Adversarially train a teacher (PGD-AT or TRADES), evaluate it and save `teacher.pt` in the run folder."
     from igdmfast.core import ThreatModel, seed_everything
@@ -544,6 +557,7 @@ def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
     from igdmfast.evaluate import save_report, plot_training_curves
     _check_numbers(epochs, bs, steps, lr, n_aa)
     sched = _schedule(protocol, milestones, epochs)
+    prec = _precision(bf16, attack_dtype)
     if get_method(method).uses_teacher:
         raise CLIError(f"igdmfast teacher trains with pgd_at or trades, not {method!r} (a method that needs a teacher).")
     _check_model_name(arch, '--arch')
@@ -553,14 +567,14 @@ def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
         seed_everything(seed)
         dls = get_dls(data, bs=bs, device=dev, seed=seed, n_train=n_train, n_valid=n_valid)
         cfg = dict(command='teacher', data=data, arch=arch, teacher_method=method, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps,
-                   step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa, seed=seed, device=dev, bf16=bf16, versions=_versions())
+                   step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa, seed=seed, device=dev, bf16=bf16, attack_dtype=attack_dtype, versions=_versions())
         out = rf.claim(cfg)
         if resume and _is_main() and (out/'teacher.pt').is_file() and (out/'metrics.json').is_file():
             done = json.loads((out/'metrics.json').read_text())
             if done.get('extra', {}).get('config', {}).get('n_aa') == n_aa:   # the same evaluation: nothing to redo
                 print(f"{out}: finished earlier (teacher.pt, metrics.json), kept.")
                 return done
-        model, secs = _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, bf16, sched)
+        model, secs = _train_teacher(arch, method, dls, threat, epochs, lr, out, resume, seed, prec, sched)
         if not _is_main(): return {}   # rank 0 evaluates and writes the report
         name = f'teacher ({arch}, {method})'
         results = _evaluate_models({name: model}, dls, threat, n_aa, seed)
@@ -573,7 +587,7 @@ def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
         print(f"Teacher: {out/'teacher.pt'}  (use it with: igdmfast train --teacher {out/'teacher.pt'})")
         return json.loads((out/'metrics.json').read_text())
 
-# %% ../nbs/10_cli.ipynb #00d688d5
+# %% ../nbs/10_cli.ipynb #f3a082df
 def evaluate(model:str, # checkpoint of the model to evaluate
              data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
              attacks:str='clean,fgsm,pgd20,cw,aa', # comma-separated attack names
@@ -588,6 +602,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
              out:str|None=None, # report folder (default: runs/eval/<folder of the model>-<its name>)
              force:bool=False, # overwrite a folder that holds another run or evaluation
              device:str='auto', # cpu, cuda, cuda:N or auto
+             attack_dtype:str='fp32', # precision of FGSM, PGD and C&W: fp32 (the default, as published numbers are), bf16 or fp16 (AutoAttack stays fp32)
             )->dict:
     "Evaluate a saved model with the paper's attacks (and GD/GC against a teacher); write a report."
     from igdmfast.core import ThreatModel, seed_everything
@@ -600,6 +615,8 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     names = [a.strip() for a in attacks.split(',') if a.strip()]
     if not names: raise CLIError("--attacks is empty: give e.g. clean,fgsm,pgd20,cw,aa.")
     if n is not None and n < 1: raise CLIError(f"--n must be at least 1 (or left out for the whole validation set), got {n}.")
+    if str(attack_dtype).lower() == 'auto': raise CLIError("--attack-dtype for eval is fp32, bf16 or fp16 (evaluation attacks are fp32 unless asked).")
+    _precision(False, attack_dtype)
     dev = _device(device)
     out = _eval_out(model) if out is None else out
     # the folder is claimed (locked, checked) before any compute: a clash is found before the attacks run, not after
@@ -609,17 +626,19 @@ def evaluate(model:str, # checkpoint of the model to evaluate
         m = _load_model(model, arch, '--arch').to(dev)
         t = _load_model(teacher, None, '--teacher').to(dev) if teacher else None
         cfg = dict(command='eval', model=str(model), data=data, attacks=names, n=n, eps=eps, step=step, teacher=teacher,
-                   arch=arch, curve=curve, bs=bs, seed=seed, device=dev, versions=_versions())
+                   arch=arch, curve=curve, bs=bs, seed=seed, device=dev, attack_dtype=attack_dtype, versions=_versions())
         out = rf.claim(cfg)
         name = Path(model).name
-        res = robust_eval(m, dls.valid, attacks=names, threat=threat, n=n, seed=seed, input_size=checkpoint_input_size(model))
+        res = robust_eval(m, dls.valid, attacks=names, threat=threat, n=n, seed=seed, input_size=checkpoint_input_size(model),
+                          attack_dtype=attack_dtype)
         aligned = {name: grad_alignment(m, t, dls.valid, n=n, seed=seed)} if t is not None else {}
         plots = []
         if curve:
             c = accuracy_vs_eps(m, dls.valid, eps_list=_curve_radii(threat.eps), n=n, seed=seed)
             plots.append(plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name)
         save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
-                    notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}.",
+                    notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}; "
+                          f"attacks in {'float32' if attack_dtype in (None, 'fp32', 'float32') else attack_dtype} (scored in float32).",
                     extra=dict(config=cfg))
         _print_table({name: dict(res)}, aligned)
         for w in res.warnings: print(f"warning: {w}")
@@ -631,7 +650,7 @@ def _eval_out(model):
     p = Path(model).resolve()
     return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
 
-# %% ../nbs/10_cli.ipynb #305ceda6
+# %% ../nbs/10_cli.ipynb #e6502702
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -707,7 +726,8 @@ def compare(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
             resume:bool=False, # continue a killed comparison: finished variants are kept, a killed one resumes
             force:bool=False, # overwrite a folder that holds another run
             device:str='auto', # cpu, cuda, cuda:N or auto
-            bf16:bool=False, # bfloat16 autocast for the training steps (the attack stays in fp32)
+            bf16:bool=False, # bfloat16 autocast for the outer forward and backward of each training step
+            attack_dtype:str='auto', # the inner maximization's precision: auto (bf16 with --bf16 on a GPU, checked against fp32 at the first batch; fp32 on a CPU), fp32, bf16 or fp16
            )->dict:
     "Distill the same student with each method with and without IGDM; one table in the paper's layout, plots side by side."
     from igdmfast.core import ThreatModel, seed_everything
@@ -716,6 +736,7 @@ def compare(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
     from igdmfast.evaluate import robust_eval, grad_alignment, accuracy_vs_eps, save_report, plot_training_curves
     _check_numbers(epochs, bs, steps, lr, n_aa, alpha)
     sched = _schedule(protocol, milestones, epochs)
+    prec = _precision(bf16, attack_dtype)
     if n_curve < 0: raise CLIError(f"--n-curve must be 0 (skip the curve) or positive, got {n_curve}.")
     names = list(dict.fromkeys(m.strip() for m in methods.split(',') if m.strip()))
     if not names: raise CLIError("--methods is empty: give e.g. ard,rslad,adaad.")
@@ -742,10 +763,10 @@ def compare(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
         t_model = _teacher_arg(teacher, dev, teacher_arch, data, teacher_dir, dls.c) if teacher != 'auto' else None
         cfg = dict(command='compare', data=data, teacher=teacher, teacher_arch=teacher_arch, teacher_dir=teacher_dir, inner=inner, student=student, methods=names,
                    alpha=alpha, epochs=epochs, bs=bs, lr=sched['lr'] if lr is None else lr, protocol=protocol, milestones=milestones, eps=eps, step=step, steps=steps, n_train=n_train, n_valid=n_valid, n_aa=n_aa,
-                   n_curve=n_curve, seed=seed, seeds=seed_list, device=dev, bf16=bf16, versions=_versions())
+                   n_curve=n_curve, seed=seed, seeds=seed_list, device=dev, bf16=bf16, attack_dtype=attack_dtype, versions=_versions())
         out = rf.claim(cfg)
         teacher_s = 0.
-        if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, bf16, sched)
+        if t_model is None: t_model, teacher_s = _train_teacher(teacher_arch, 'pgd_at', dls, threat, epochs, lr, out, resume, seed, prec, sched)
         t_name = teacher_arch if teacher == 'auto' else Path(teacher).name
 
         def measure(model, run_dir, student=True):
@@ -778,7 +799,7 @@ def compare(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
                         print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
                         r = json.loads((run_dir/'result.json').read_text())
                     else:
-                        learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, s, bf16, sched, inner)
+                        learn, _ = _distill(t_model, student, make_dls(), m, ig, alpha, threat, epochs, lr, run_dir, resume, s, prec, sched, inner)
                         old = json.loads((run_dir/'config.json').read_text()) if (run_dir/'config.json').is_file() else {}
                         spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else old.get('seconds_per_epoch')
                         _write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, seed=s, alpha_used=learn.alpha, seconds_per_epoch=spe))

@@ -344,7 +344,7 @@ def _as_attack_list(attacks):
     if isinstance(attacks, str): attacks = [a.strip() for a in attacks.split(',') if a.strip()]
     return list(attacks)
 
-# %% ../nbs/08_evaluate.ipynb #2e17ea3f
+# %% ../nbs/08_evaluate.ipynb #b7c86bf9
 def robust_eval(model:nn.Module, # the classifier (returns logits); evaluated in eval mode on its own device
                 data, # `DataLoaders` (uses `.valid`), a `DataLoader`, an iterable of `(x, y)` batches or a tuple `(x, y)`
                 attacks:Sequence[str]|str=('clean', 'fgsm', 'pgd20', 'cw', 'aa'), # attack names (see `parse_attack`), or 'clean,fgsm,...'
@@ -358,9 +358,13 @@ def robust_eval(model:nn.Module, # the classifier (returns logits); evaluated in
                 progress:bool=True, # show a progress bar over the batches
                 warn:bool=True, # also emit the hygiene warnings as Python warnings (they are always in the result)
                 input_size:tuple|None=None, # (C, H, W) or (H, W) the model was trained on (`checkpoint_input_size`): other sizes are refused
+                attack_dtype=None, # FGSM/PGD/C&W in reduced precision ('bf16', 'fp16'; `igdmfast.precision`); None: float32 (AutoAttack always float32)
                )->RobustResult:
     "Accuracy (%) of `model` on `data` under each attack of `attacks`, the per-sample worst case, and masking checks."
     _check_model(model)
+    from igdmfast.precision import attack_models, as_attack_dtype
+    attack_dtype = as_attack_dtype(attack_dtype)
+    attacker = attack_models(model, None, attack_dtype)[0]   # the model itself in float32; its autocast wrapper otherwise
     _as_input_size(input_size)
     threat = threat if threat is not None else ThreatModel()
     if not isinstance(threat, ThreatModel): raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}.")
@@ -387,9 +391,9 @@ def robust_eval(model:nn.Module, # the classifier (returns logits); evaluated in
                 t0 = time.perf_counter()
                 if sp.kind in ('pgd', 'cw') and k not in gens: gens[k] = torch.Generator(device=dev).manual_seed(seed)
                 if sp.kind == 'clean': xa = xb
-                elif sp.kind == 'fgsm': xa = fgsm(model, xb, yb, threat.eps, threat.norm, check=False)
-                elif sp.kind == 'pgd': xa = pgd(model, xb, yb, sp.threat, generator=gens[k], check=False)
-                elif sp.kind == 'cw': xa = cw_linf(model, xb, yb, sp.threat, generator=gens[k], check=False)
+                elif sp.kind == 'fgsm': xa = fgsm(attacker, xb, yb, threat.eps, threat.norm, check=False)
+                elif sp.kind == 'pgd': xa = pgd(attacker, xb, yb, sp.threat, generator=gens[k], check=False)
+                elif sp.kind == 'cw': xa = cw_linf(attacker, xb, yb, sp.threat, generator=gens[k], check=False)
                 else: xa = _run_aa(model, xb, yb, threat, aa_version, aa_attacks, seed, len(yb), aa_msgs)
                 with torch.no_grad(): ok = model(xa).argmax(1) == yb
                 per[k].append(ok.cpu()); _sync(dev)
@@ -406,7 +410,9 @@ def robust_eval(model:nn.Module, # the classifier (returns logits); evaluated in
     if warn:
         for m in msgs: warnings.warn(m, EvaluationWarning, stacklevel=2)
     return RobustResult(accuracy, correct, count, batches.n_total if batches.n_total is not None else count, batches.subset,
-                        threat, secs, seed, labels, {k: sp.describe for k, sp in specs.items()}, msgs, per,
+                        threat, secs, seed, labels, {k: sp.describe + (f" (attack in {str(attack_dtype).replace('torch.', '')}, scored in float32)"
+                                                         if attack_dtype is not None and sp.kind in ('fgsm', 'pgd', 'cw') else '')
+                                                     for k, sp in specs.items()}, msgs, per,
                         None if batches.indices is None else batches.indices.numpy())
 
 # %% ../nbs/08_evaluate.ipynb #357793c5

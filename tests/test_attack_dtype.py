@@ -58,3 +58,28 @@ def test_auto_is_float32_on_a_cpu_and_bad_values_are_refused():
     assert adv_learner(m(), dls, threat=THREAT).attack_dtype is None      # 'auto' without bf16
     assert adv_learner(m(), dls, threat=THREAT, attack_dtype='bf16').attack_dtype == torch.bfloat16
     with pytest.raises((ValueError, TypeError), match='bf16'): adv_learner(m(), dls, threat=THREAT, attack_dtype='int8')
+
+
+def test_robust_eval_attack_dtype_is_float32_by_default_and_says_which():
+    "Evaluation attacks run in float32 unless asked; a reduced-precision run says so per attack (float64: the same numbers)."
+    from igdmfast.evaluate import robust_eval
+    dls = get_dls('digits', n_train=64, n_valid=48, bs=16, device='cpu')
+    torch.manual_seed(0); m = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4).double().eval()
+    xy = [(x.double(), y) for x, y in dls.valid]
+    kw = dict(attacks=('clean', 'fgsm', 'pgd5', 'cw'), threat=ThreatModel(eps=0.1, step_size=0.025), progress=False, warn=False)
+    fp32, lowp = robust_eval(m, xy, **kw), robust_eval(m, xy, attack_dtype='bf16', **kw)
+    assert dict(fp32) == dict(lowp)                                   # autocast leaves float64 alone: the same attack
+    assert all('bfloat16' not in v for v in fp32.attacks.values())
+    assert all('attack in bfloat16' in lowp.attacks[k] for k in ('fgsm', 'pgd5', 'cw')) and 'bfloat16' not in lowp.attacks['clean']
+
+
+def test_cli_trains_with_a_bf16_attack_and_records_it(tmp_path, monkeypatch):
+    import json
+    from igdmfast.cli import main
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path/'run'
+    code = main(['teacher', '--epochs', '1', '--steps', '2', '--n-train', '64', '--n-valid', '32', '--bs', '32', '--n-aa', '0',
+                 '--device', 'cpu', '--attack-dtype', 'bf16', '--out', str(out)])
+    assert code == 0
+    assert json.loads((out/'config.json').read_text())['attack_dtype'] == 'bf16'
+    assert len((out/'teacher_history.csv').read_text().splitlines()) == 2

@@ -298,6 +298,8 @@ CLI_CASES = [
     ('eval-without-arch', lambda t: ['eval', plain_state_dict(t), '--device', 'cpu', '--attacks', 'clean', '--out', str(t/'e')], r'does not say which architecture.*--arch'),
     ('eval-out-is-a-file', lambda t: ['eval', teacher_file(t), '--device', 'cpu', '--out', str(_write(t/'afile', b'x'))], r'is a file, not a folder'),
     ('eval-out-holds-another-run', lambda t: ['eval', teacher_file(t), '--device', 'cpu', '--out', run_folder_with_other_run(t)], r'holds another run'),
+    ('attack-dtype-unknown', lambda t: ['train', *FAST, '--attack-dtype', 'int8'], r'--attack-dtype must be auto, fp32, bf16 or fp16'),
+    ('eval-attack-dtype-auto', lambda t: ['eval', teacher_file(t), '--device', 'cpu', '--attack-dtype', 'auto', '--out', str(t/'e')], r'--attack-dtype for eval is fp32, bf16 or fp16'),
     ('compare-bad-seeds', lambda t: ['compare', *FAST, '--seeds', '0,0'], r'--seeds lists a seed twice'),
     ('argparse-not-a-number', lambda t: ['train', '--epochs', 'ten'], r"invalid int value: 'ten'"),
     ('unknown-command', lambda t: ['trian'], r"invalid choice: 'trian'"),
