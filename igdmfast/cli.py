@@ -13,7 +13,7 @@ from .core import atomic_write
 __all__ = ['RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'SAME_ON_RESUME', 'CLIError', 'RunFolder', 'EpochLines', 'train', 'teacher',
            'evaluate', 'compare', 'main']
 
-# %% ../nbs/10_cli.ipynb #8f653c06
+# %% ../nbs/10_cli.ipynb #83ee713f
 class CLIError(Exception):
     "An error in the command-line input, reported as one line without a traceback."
 
@@ -94,12 +94,12 @@ def _aa_note(n_aa, dls):
     return (f"AutoAttack (standard) on a seeded subset of {n}" if n < len(dls.valid.dataset) else
             f"AutoAttack (standard) on all {n} validation images" + (f" (--n-aa {n_aa} asked for more)" if n_aa > n else ""))
 
-def _evaluate_models(models, dls, threat, n_aa, seed):
+def _evaluate_models(models, dls, threat, n_aa, seed, quiet=False):
     "robust_eval of each model: clean/FGSM/PGD-20/C&W∞ on the validation set, AutoAttack on a seeded subset of `n_aa`."
     from igdmfast.evaluate import robust_eval
     results = {}
     for name, m in models.items():
-        print(f"Evaluating {name}...")
+        if not quiet: print(f"Evaluating {name}...")
         res = robust_eval(m, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed)
         r = dict(res, n=res.n)   # the image counts give each accuracy its binomial interval in the report
         if n_aa:
@@ -650,7 +650,7 @@ def _eval_out(model):
     p = Path(model).resolve()
     return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
 
-# %% ../nbs/10_cli.ipynb #e6502702
+# %% ../nbs/10_cli.ipynb #e3dcb9e9
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -773,11 +773,7 @@ def compare(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
             "The paper's numbers of `model` (+GD/GC against the teacher, + the eps curve), cached in `run_dir/result.json`."
             f = Path(run_dir)/'result.json'
             if resume and f.is_file(): return json.loads(f.read_text())
-            res = robust_eval(model, dls.valid, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed)
-            r = dict(res, n=res.n)
-            if n_aa:
-                aa = robust_eval(model, dls.valid, attacks=('aa',), threat=threat, n=min(n_aa, len(dls.valid.dataset)), seed=seed)
-                r.update(aa=aa['aa'], n_aa=aa.n)
+            r = _evaluate_models({run_dir.name: model}, dls, threat, n_aa, seed, quiet=True)[run_dir.name]
             if student:
                 al = grad_alignment(model, t_model, dls.valid, seed=seed)
                 r.update(gd=al['gd'], gc=al['gc'], per_sample_gc=[float(v) for v in al['per_sample_gc']])
