@@ -10,7 +10,8 @@ torch.set_num_threads(1)
 
 
 # The longest files first, so that with `pytest -n 2 --dist loadfile` they start at once instead of ending alone.
-SLOW_FIRST = ('test_main_job.py', 'test_cli.py', 'test_evaluate_protocol.py', 'test_docs.py', 'test_paper_protocol.py')
+SLOW_FIRST = ('test_main_job.py', 'test_cli.py', 'test_evaluate_protocol.py', 'test_docs.py', 'test_paper_protocol.py',
+              'test_cli_safety.py', 'test_robustbench.py', 'test_robustbench_cli.py', 'test_compare_seeds.py', 'test_distill_steps.py')
 
 
 def pytest_collection_modifyitems(session, config, items):
