@@ -290,3 +290,14 @@ def test_gpu_check_tiny_runs_on_the_cpu(tmp_path, capsys):
     assert all(r['igdmfast acc %'] == r['direct acc %'] for r in rep['eval'])
     text = md.read_text()
     assert 'native bf16' in text and 'reference' in text and 'float32' in text
+
+
+def test_bench_precision_runs(capsys, tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import bench_precision
+    rows = bench_precision.main(['--bs', '2', '--repeats', '1', '--models', 'tiny_mobilenet_cifar', '--fp16',
+                                 '--json', str(tmp_path / 'p.json')])
+    out = capsys.readouterr().out
+    assert 'native bf16' in out and 'bf16 + channels-last' in out
+    assert {r['side'] for r in rows} == {'fp32', 'bf16', 'channels-last', 'bf16 + channels-last', 'fp16'}
+    assert json.loads((tmp_path / 'p.json').read_text())['cpu']
