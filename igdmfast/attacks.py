@@ -12,10 +12,10 @@ from torch import nn, Tensor
 from .core import ThreatModel, check_images, check_labels, check_output, check_logits, eval_mode, frozen
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'AA_ATTACKS', 'ce_loss', 'cw_margin', 'kl_div', 'kl_objective', 'project', 'ascent_step', 'random_start',
-           'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
+__all__ = ['OBJECTIVES', 'AA_ATTACKS', 'ce_loss', 'cw_margin', 'upcast_half', 'kl_div', 'kl_objective', 'project', 'ascent_step',
+           'uniform_delta', 'random_start', 'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
 
-# %% ../nbs/01_attacks.ipynb #e9e29217
+# %% ../nbs/01_attacks.ipynb #6c9d11e2
 def ce_loss(logits:Tensor, y:Tensor)->Tensor:
     "Per-sample cross-entropy of `logits` against labels `y`."
     return F.cross_entropy(logits, y.long(), reduction='none')
@@ -27,7 +27,10 @@ def cw_margin(logits:Tensor, y:Tensor)->Tensor:
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float('-inf'))
     return other.amax(1) - z_y
 
-def _f32(x:Tensor)->Tensor: return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def upcast_half(x:Tensor, # a tensor of any dtype
+               )->Tensor:
+    "`x` in float32 when it is float16 or bfloat16 (softmax and log-softmax of logits are computed in fp32), else `x` itself."
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 def kl_div(target_logits:Tensor, # logits of the target distribution P
            logits:Tensor, # logits of the prediction Q
@@ -41,8 +44,8 @@ def kl_div(target_logits:Tensor, # logits of the target distribution P
     if target_logits.shape != logits.shape:
         raise ValueError(f"target_logits has shape {tuple(target_logits.shape)} but logits has shape {tuple(logits.shape)}: "
                          "they must have the same shape (batch, classes).")
-    t = F.log_softmax(_f32(target_logits.detach() if detach_target else target_logits), 1)
-    return (t.exp() * (t - F.log_softmax(_f32(logits), 1))).sum(1)
+    t = F.log_softmax(upcast_half(target_logits.detach() if detach_target else target_logits), 1)
+    return (t.exp() * (t - F.log_softmax(upcast_half(logits), 1))).sum(1)
 
 def kl_objective(target_logits:Tensor)->Callable:
     "Objective `(logits, y) -> KL(softmax(target_logits) ‖ softmax(logits))` per sample (TRADES / RSLAD inner loss)."
@@ -51,7 +54,7 @@ def kl_objective(target_logits:Tensor)->Callable:
 
 OBJECTIVES = {'ce': ce_loss, 'cw': cw_margin}
 
-# %% ../nbs/01_attacks.ipynb #b64c2aa4
+# %% ../nbs/01_attacks.ipynb #f8ebd644
 def _flat_norm(t:Tensor)->Tensor: return t.flatten(1).norm(dim=1).view(-1, *[1]*(t.ndim-1))
 
 def project(delta:Tensor, # perturbation, shape (B, ...)
@@ -78,6 +81,15 @@ def _rand(x, generator):
     dev = generator.device if generator is not None else x.device
     return torch.rand(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
+def uniform_delta(x:Tensor, # images in [0,1]; the noise takes their shape, dtype and device
+                  eps:float, # half-width of the L∞ cube
+                  generator:torch.Generator|None=None, # source of randomness (default: torch's global generator)
+                  clamp:bool=True, # shrink δ so that `x + δ` stays in [0,1]
+                 )->Tensor:
+    "A perturbation δ drawn uniformly from the L∞ cube [−`eps`, `eps`]^d, shaped like `x` (clamped: `(x + δ).clamp(0,1) − x`)."
+    d = (2 * _rand(x, generator) - 1) * eps
+    return ((x + d).clamp(0, 1) - x) if clamp else d
+
 def random_start(x:Tensor, # clean images in [0,1]
                  threat:ThreatModel, # gives the norm, eps and the kind of start
                  generator:torch.Generator|None=None, # source of randomness (default: torch's global generator)
@@ -86,7 +98,7 @@ def random_start(x:Tensor, # clean images in [0,1]
     kind, eps = threat.random_start, threat.eps
     if kind == 'none': return x.clone()
     if kind == 'normal': return x + 0.001 * _randn(x, generator)   # neither clamped nor projected, as the official scripts
-    if threat.norm == 'Linf': delta = (2 * _rand(x, generator) - 1) * eps
+    if threat.norm == 'Linf': delta = uniform_delta(x, eps, generator, clamp=False)
     else:  # uniform in the L2 ball: uniform direction, radius eps·U^(1/d)
         d = x[0].numel()
         direction = _randn(x, generator)

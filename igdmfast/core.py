@@ -12,9 +12,9 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['ThreatModel', 'check_images', 'check_labels', 'ProbabilityOutputWarning', 'looks_like_probabilities', 'check_output',
-           'check_logits', 'Normalize', 'normalized', 'seed_everything', 'eval_mode', 'frozen', 'atomic_save',
-           'atomic_write']
+__all__ = ['ThreatModel', 'check_images', 'check_labels', 'ProbabilityOutputWarning', 'looks_like_probabilities',
+           'probability_message', 'check_output', 'check_logits', 'Normalize', 'normalized', 'seed_everything',
+           'eval_mode', 'frozen', 'unwrap', 'write_error', 'atomic_save', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #38fc02ed
 _START_ALIASES = {True: 'uniform', False: 'none', None: 'none', 'uniform': 'uniform', 'normal': 'normal', 'none': 'none'}
@@ -112,7 +112,7 @@ def check_labels(y, # class labels
                              f"0..{n_classes - 1}. Check that the model's num_classes matches the data.")
     return y
 
-# %% ../nbs/00_core.ipynb #28be6076
+# %% ../nbs/00_core.ipynb #134caf91
 class ProbabilityOutputWarning(UserWarning):
     "A model whose outputs look like probabilities (a final softmax) where igdmfast needs logits."
 
@@ -124,7 +124,9 @@ def looks_like_probabilities(z:Tensor, # model outputs, shape (batch, classes)
     z = z.detach().float()
     return bool((z >= 0).all() and ((z.sum(1) - 1).abs() <= atol).all())
 
-def _probability_message(who='model'):
+def probability_message(who:str='model', # the name used in the message
+                       )->str:
+    "The message for outputs that look like probabilities: what was seen, why it matters and what to do."
     return (f"The {who}'s outputs are non-negative and every row sums to 1: they look like probabilities (a softmax at "
             "the end of the model), but igdmfast needs logits. Attacks and losses apply the softmax themselves; a second "
             "one flattens the gradients (false robustness) and changes the losses. Remove the final softmax.")
@@ -153,8 +155,8 @@ def check_output(out, # what the model returned for a batch
                          "(a diverged training run) or a layer overflows in this precision; check the model and its checkpoint.")
     if y is not None: check_labels(y, out.shape[1], n=out.shape[0])
     if action != 'ignore' and looks_like_probabilities(out):
-        if action == 'error': raise ValueError(_probability_message(who))
-        warnings.warn(_probability_message(who), ProbabilityOutputWarning, stacklevel=3)
+        if action == 'error': raise ValueError(probability_message(who))
+        warnings.warn(probability_message(who), ProbabilityOutputWarning, stacklevel=3)
     return out
 
 def check_logits(model:nn.Module, # a classifier taking images in [0,1]
@@ -212,7 +214,7 @@ def seed_everything(seed:int=0, # the one seed of a run
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
-# %% ../nbs/00_core.ipynb #15c67711
+# %% ../nbs/00_core.ipynb #7ff25029
 def _modules(models):
     for m in models:
         if m is None: continue
@@ -239,7 +241,15 @@ def frozen(*models:nn.Module):
     finally:
         for p, flag in saved: p.requires_grad_(flag)
 
-# %% ../nbs/00_core.ipynb #b204024f
+def unwrap(model:nn.Module, # a model, possibly inside `DataParallel`, `DistributedDataParallel` or `torch.compile` wrappers
+          )->nn.Module:
+    "The module inside `model`'s `DataParallel`/`DistributedDataParallel`/`torch.compile` wrappers (fastai's `get_model`, plus compile)."
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        elif isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        else: return model
+
+# %% ../nbs/00_core.ipynb #c9c2f66c
 _WRITE_HINTS = {
     errno.ENOSPC: "the disk is full: free some space (or choose a folder on another disk)",
     errno.EDQUOT: "the disk quota is exceeded: free some space (or choose a folder on another disk)",
@@ -248,7 +258,9 @@ _WRITE_HINTS = {
     errno.EROFS: "the file system is read-only: choose a writable folder",
 }
 
-def _write_error(e:OSError, path:Path)->OSError:
+def write_error(e:OSError, # the error raised while writing
+                path:Path, # the file that was being written
+               )->OSError:
     "An OSError of the same kind as `e` whose message says which file could not be written, why, and what to do."
     why = _WRITE_HINTS.get(e.errno, "check the folder, its permissions and the free space")
     kept = (f"The previous {path.name} is untouched" if path.exists() else "Nothing was written")
@@ -291,7 +303,7 @@ def atomic_write(path, # destination file; its folder is created if needed
         if tmp is not None:
             with contextlib.suppress(OSError): os.unlink(tmp)
         if isinstance(e, RuntimeError) and _is_failed_write(e): e = _failed_write_errno(path)
-        if isinstance(e, OSError): raise _write_error(e, path) from e
+        if isinstance(e, OSError): raise write_error(e, path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
