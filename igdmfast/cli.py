@@ -454,7 +454,7 @@ def _teacher_arg(teacher, dev, arch=None, data='digits', teacher_dir=None, n_cla
         return load_teacher(teacher, dataset=_rb_datasets(teacher, data, n_classes)[0], teacher_dir=teacher_dir).to(dev)
     return _load_model(teacher, arch, '--teacher-arch').to(dev)
 
-# %% ../nbs/10_cli.ipynb #de0ea33a
+# %% ../nbs/10_cli.ipynb #a5d1917f
 def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
           teacher:str='auto', # a teacher checkpoint, a RobustBench name (e.g. Wang2023Better_WRN-28-10 with --data cifar100), or 'auto' to train a robust one with PGD-AT first
           teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
@@ -519,7 +519,7 @@ def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar
                  plot_training_curves(out/'history.csv', out/'training_curves.png')]
         cfg['alpha_used'] = learn.alpha
         save_report(results, out, name='igdmfast train', alignment=aligned, plots=[p.name for p in plots],
-                    notes=f"{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}. "
+                    notes=f"{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}; every attack in float32. "
                           f"Teacher {teacher_s:.1f} s, student {student_s:.1f} s of training.",
                     extra=dict(seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)), config=cfg))
         metrics = json.loads((out/'metrics.json').read_text())
@@ -527,7 +527,7 @@ def train(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar
         print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
         return metrics
 
-# %% ../nbs/10_cli.ipynb #07b0eeaf
+# %% ../nbs/10_cli.ipynb #46dea053
 def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
             arch:str='small_cnn', # the teacher's architecture: any registered or timm model name
             method:str='pgd_at', # 'pgd_at' or 'trades'
@@ -580,7 +580,7 @@ def teacher(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cif
         results = _evaluate_models({name: model}, dls, threat, n_aa, seed)
         plots = [plot_training_curves(out/'teacher_history.csv', out/'training_curves.png')]
         save_report(results, out, name='igdmfast teacher', plots=[p.name for p in plots],
-                    notes=f"{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}. "
+                    notes=f"{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}; every attack in float32. "
                           f"{secs:.1f} s of training.",
                     extra=dict(seconds=dict(teacher=round(secs, 2)), config=cfg))
         _print_table(results, {})
@@ -650,7 +650,7 @@ def _eval_out(model):
     p = Path(model).resolve()
     return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
 
-# %% ../nbs/10_cli.ipynb #e3dcb9e9
+# %% ../nbs/10_cli.ipynb #e5d3e392
 def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
     "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
     import numpy as np
@@ -827,7 +827,7 @@ def _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, thr
     result = dict(config=cfg, seeds=seed_list, teacher=slim(t_row), rows=[slim(r) for r in rows], aggregate=agg,
                   seconds=dict(teacher=round(teacher_s, 2)))
     first = [r for r in rows if r['seed'] == seed_list[0]]
-    md = (f"# igdmfast compare\n\n{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}; "
+    md = (f"# igdmfast compare\n\n{data}: {len(dls.valid.dataset)} validation images, {threat!r}; {_aa_note(n_aa, dls)}; every attack in float32; "
           f"student {student}, {epochs} epochs, {'seeds ' + ', '.join(map(str, seed_list)) if multi else f'seed {seed_list[0]}'}.\n\n")
     if multi: md += "## Over seeds\n\n" + compare_markdown(agg) + f"\n\n## Seed {seed_list[0]}\n\n"
     md += _compare_table(t_row, first)
