@@ -13,7 +13,7 @@ from .core import ThreatModel, check_images, check_labels, check_output, check_l
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'AA_ATTACKS', 'ce_loss', 'cw_margin', 'upcast_half', 'kl_div', 'kl_objective', 'project', 'ascent_step',
-           'uniform_delta', 'random_start', 'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
+           'uniform_delta', 'random_start', 'as_objective', 'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
 
 # %% ../nbs/01_attacks.ipynb #6c9d11e2
 def ce_loss(logits:Tensor, y:Tensor)->Tensor:
@@ -107,12 +107,14 @@ def random_start(x:Tensor, # clean images in [0,1]
         delta = direction * eps * u ** (1 / d)
     return (x + project(delta, threat.norm, eps)).clamp(0, 1)
 
-# %% ../nbs/01_attacks.ipynb #b8af57c0
+# %% ../nbs/01_attacks.ipynb #b9107cf9
 def _bn_buffers(models):
     return [(b, b.detach().clone()) for m in models for mod in m.modules()
             if isinstance(mod, nn.modules.batchnorm._NormBase) for b in mod.buffers()]
 
-def _as_objective(objective):
+def as_objective(objective, # a name of `OBJECTIVES` ('ce', 'cw', ...) or a function (output, y) -> per-sample loss
+                )->Callable:
+    "The attack objective `objective` names (a function is returned as it is)."
     if callable(objective): return objective
     if objective in OBJECTIVES: return OBJECTIVES[objective]
     raise ValueError(f"Unknown objective {objective!r}: use one of {sorted(OBJECTIVES)} or a function (output, y) -> per-sample loss.")
@@ -165,7 +167,7 @@ def perturb(model:nn.Module|Sequence[nn.Module], # the attacked model, or a tupl
     if mode not in ('eval', 'train'): raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}.")
     if not isinstance(threat, ThreatModel): raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}.")
     named = isinstance(objective, str)
-    objective = _as_objective(objective)
+    objective = as_objective(objective)
     if check:
         check_images(x)
         if y is not None: _check_labels(y, x)

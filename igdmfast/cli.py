@@ -650,28 +650,7 @@ def _eval_out(model):
     p = Path(model).resolve()
     return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
 
-# %% ../nbs/10_cli.ipynb #e5d3e392
-def _panels(panels, path, xlabel, ylabel, kind='line', title=None):
-    "One subplot per method: lines (`{label: (x, y)}`) or histograms (`{label: values}`) of each variant; PNG at `path`."
-    import numpy as np
-    from igdmfast.evaluate import _figure
-    n = len(panels)
-    fig = _figure((4.5 * n, 3.8)); axs = np.atleast_1d(fig.subplots(1, n, sharey=True))
-    for ax, (name, series) in zip(axs, panels.items()):
-        for i, (label, v) in enumerate(series.items()):
-            c = 'gray' if label.startswith('teacher') else f"C{i % 10}"
-            if kind == 'line': ax.plot(*v, marker='o', color=c, label=label)
-            else:
-                v = np.asarray(v, dtype=float)
-                ax.hist(v, bins=np.linspace(-1, 1, 41), alpha=0.5, color=c, label=f"{label} (mean {v.mean():.3f})")
-                ax.axvline(v.mean(), color=c, ls='--', lw=1)
-        ax.set_title(name); ax.set_xlabel(xlabel); ax.grid(alpha=0.3); ax.legend(fontsize=8)
-    axs[0].set_ylabel(ylabel)
-    if title: fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
-    return Path(path)
-
+# %% ../nbs/10_cli.ipynb #419bb903
 def _curve_radii(eps:float # the threat model's radius, on the [0,1] scale
                )->tuple:
     "The radii of the accuracy-vs-eps curve: 0 to twice `eps` (at 8/255 the default grid, 0, 2, ..., 16/255)."
@@ -820,6 +799,7 @@ def _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, thr
     "compare.md, compare.json, metrics.json/report.md and the plots of a finished comparison; its aggregated result."
     from igdmfast.evaluate import save_report
     from igdmfast.stats import aggregate_compare, compare_markdown, plot_seeds
+    from igdmfast.evaluate import plot_panels
     multi = len(seed_list) > 1
     cols = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'gd', 'gc')
     slim = lambda r: {k: v for k, v in r.items() if k not in ('per_sample_gc', 'curve', 'warnings')}
@@ -837,10 +817,10 @@ def _compare_report(out, cfg, t_row, rows, names, seed_list, teacher_s, dls, thr
         to255 = lambda c: ([e * 255 for e in c['eps']], c['acc'])
         panels = {m.upper(): {**{('+IGDM' if r['igdm'] else m): to255(r['curve']) for r in first if r['method'] == m},
                               f"teacher ({t_row['name']})": to255(t_row['curve'])} for m in names}
-        plots.append(_panels(panels, out/'acc_vs_eps.png', 'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
+        plots.append(plot_panels(panels, out/'acc_vs_eps.png', 'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
                              title='Robust accuracy against the attack radius, with and without IGDM' + (f' (seed {seed_list[0]})' if multi else '')))
     panels = {m.upper(): {('+IGDM' if r['igdm'] else m): r['per_sample_gc'] for r in first if r['method'] == m} for m in names}
-    plots.append(_panels(panels, out/'grad_cosines.png', 'cosine of student and teacher input gradients', 'samples',
+    plots.append(plot_panels(panels, out/'grad_cosines.png', 'cosine of student and teacher input gradients', 'samples',
                          kind='hist', title='Gradient cosine (GC) with the teacher, with and without IGDM' + (f' (seed {seed_list[0]})' if multi else '')))
     if multi: plots.append(plot_seeds(agg, out/'seeds.png', title='Each seed, with the mean and its 95% t interval'))
     md += '\n' + ''.join(f"![{p.stem}]({p.name})\n\n" for p in plots)

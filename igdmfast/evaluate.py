@@ -27,7 +27,7 @@ __all__ = ['CW_STEPS', 'EPS_GRID', 'PAPER_COLUMNS', 'check_input_size', 'checkpo
            'EvalAttack', 'parse_attack', 'RobustResult', 'EvaluationWarning', 'masking_warnings', 'curve_warnings',
            'robust_eval', 'AccVsEps', 'accuracy_vs_eps', 'input_gradients', 'grad_alignment', 'taylor_remainder',
            'pointwise_distance', 'RobustAccuracy', 'GradCosine', 'GradDistance', 'save_report', 'paper_table',
-           'plot_acc_vs_eps', 'plot_grad_cosines', 'plot_training_curves']
+           'plot_acc_vs_eps', 'plot_grad_cosines', 'plot_panels', 'plot_training_curves']
 
 # %% ../nbs/08_evaluate.ipynb #6f713b88
 def _plain(t:Tensor)->Tensor: return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor else t
@@ -853,7 +853,7 @@ def paper_table(rows, # the variants: a list of dicts (or a dict name -> dict) w
             out[label] = {k: r.get(k) for k in metrics}
     return out
 
-# %% ../nbs/08_evaluate.ipynb #d42bb0f8
+# %% ../nbs/08_evaluate.ipynb #65ee7bb7
 def _figure(figsize=(6, 4)):
     from matplotlib.figure import Figure
     return Figure(figsize=figsize, layout='constrained')
@@ -893,6 +893,28 @@ def plot_grad_cosines(per_sample_gc:dict, # name -> per-sample cosines (e.g. `gr
         ax.axvline(gc.mean(), color=c, ls='--', lw=1)
     ax.set_xlabel('cos(∇ₓ CE teacher, ∇ₓ CE student) (unitless, per sample)'); ax.set_ylabel('number of samples')
     ax.set_title(title); ax.set_xlim(-1, 1); ax.legend()
+    return _save_fig(fig, path)
+
+def plot_panels(panels:dict, # panel title -> {label: (x, y)} (lines) or {label: values} (histograms over [-1, 1])
+                path, # PNG file to write
+                xlabel:str, ylabel:str, # axis labels
+                kind:str='line', # 'line' or 'hist'
+                title:str|None=None, # figure title
+               )->Path:
+    "One subplot per panel (a method), each variant a line or a histogram with its mean; written to `path` as PNG."
+    n = len(panels)
+    fig = _figure((4.5 * n, 3.8)); axs = np.atleast_1d(fig.subplots(1, n, sharey=True))
+    for ax, (name, series) in zip(axs, panels.items()):
+        for i, (label, v) in enumerate(series.items()):
+            c = 'gray' if label.startswith('teacher') else f"C{i % 10}"
+            if kind == 'line': ax.plot(*v, marker='o', color=c, label=label)
+            else:
+                v = np.asarray(v, dtype=float)
+                ax.hist(v, bins=np.linspace(-1, 1, 41), alpha=0.5, color=c, label=f"{label} (mean {v.mean():.3f})")
+                ax.axvline(v.mean(), color=c, ls='--', lw=1)
+        ax.set_title(name); ax.set_xlabel(xlabel); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    axs[0].set_ylabel(ylabel)
+    if title: fig.suptitle(title)
     return _save_fig(fig, path)
 
 def _history(src):

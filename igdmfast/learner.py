@@ -139,7 +139,7 @@ def _speed(cbs, model, bf16, compile):
     if compile: model.compile()
     return cbs + [BF16()] if bf16 else cbs
 
-# %% ../nbs/07_learner.ipynb #77520e6f
+# %% ../nbs/07_learner.ipynb #36d82800
 def _check_dls(dls, who='distill_learner'):
     "`dls` is None or fastai DataLoaders (anything with `train`, `valid`, `device` and `one_batch`), else a clear TypeError."
     if dls is None or all(hasattr(dls, a) for a in ('train', 'valid', 'device', 'one_batch')): return dls
@@ -167,6 +167,15 @@ def _default_dls(dls):
     print(f"No DataLoaders given: using the embedded scikit-learn digits ({len(dls.train.dataset)} train / "
           f"{len(dls.valid.dataset)} valid images, {dls.in_chans}x{dls.img_size[0]}x{dls.img_size[1]}, {dls.c} classes).")
     return dls
+
+def _channels_last(channels_last, dls, *models)->bool:
+    "Convert `models` to channels-last weights in place when asked ('auto': on CUDA, where convolutions run faster in NHWC)."
+    from igdmfast.precision import to_channels_last
+    on = dls.device.type == 'cuda' if isinstance(channels_last, str) and channels_last == 'auto' else channels_last
+    if not isinstance(on, bool): raise ValueError(f"channels_last must be 'auto', True or False, got {channels_last!r}.")
+    for m in models:
+        if on and m is not None: to_channels_last(m)
+    return on
 
 def _attack_dtype(attack_dtype, dls, bf16):
     "The attack precision of the learners' `attack_dtype`: 'auto' follows `default_attack_dtype` for the data's device."
@@ -216,6 +225,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     bf16:bool=False, # bfloat16 autocast for the student's outer forwards and backward (attack and teacher in fp32)
                     compile:bool=False, # `torch.compile` the student (in place) and the view the attack runs
                     attack_dtype='auto', # the inner maximization's precision: 'auto' (`default_attack_dtype`: bf16 with `bf16=True` on a GPU), None/'fp32', 'bf16' or 'fp16'; checked against float32 at each fit's first batch
+                    channels_last='auto', # store student and teacher weights channels-last (NHWC): 'auto' on a GPU only; True/False (on the CPU it depends on the model: `bench/bench_precision.py`)
                     **learner_kwargs:Any, # anything else for fastai's `Learner` (cbs, path, lr, wd, opt_func, ...)
                    )->AdvLearner:
     "A fastai `Learner` that distills `teacher` into `student` with `method`, plus IGDM when `igdm`."
@@ -226,6 +236,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     if teacher is student: raise ValueError("The teacher and the student are the same module: pass two networks.")
     teacher = prepare_teacher(teacher, dls.device)
     student.to(dls.device)
+    channels_last = _channels_last(channels_last, dls, student, teacher)
     check_compatible(student, teacher, dls)
     if igdm and alpha is None:
         alpha, key, exact = table_alpha(m.name, getattr(dls, 'name', None), _arch(student))
@@ -241,9 +252,10 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     store_attr('method,inner,igdm,alpha,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, inner=m.inner_name,
                igdm=igdm, alpha=alpha, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile,
                attack_dtype=attack_dtype)
+    learn.channels_last = channels_last
     return learn
 
-# %% ../nbs/07_learner.ipynb #124eda24
+# %% ../nbs/07_learner.ipynb #537058ce
 def adv_learner(model:nn.Module|str, # the network to train robustly: a module or a model name
                 dls:DataLoaders|None=None, # fastai DataLoaders with images in [0,1] (default: the embedded digits)
                 method:str='pgd_at', # 'pgd_at' or 'trades' (methods that need no teacher)
@@ -256,6 +268,7 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
                 bf16:bool=False, # bfloat16 autocast for the outer forward and backward (the attack in fp32)
                 compile:bool=False, # `torch.compile` the model (in place) and the view the attack runs
                 attack_dtype='auto', # the attack's precision (see `distill_learner`)
+                channels_last='auto', # store the weights channels-last (NHWC): 'auto' on a GPU only; True/False
                 **learner_kwargs:Any, # anything else for fastai's `Learner`
                )->AdvLearner:
     "A fastai `Learner` that trains `model` adversarially with a teacher-free method (PGD-AT or TRADES)."
@@ -267,6 +280,7 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
                          "adv_learner takes 'pgd_at' or 'trades'.")
     model = _as_model(model, dls, 'model')
     model.to(dls.device)
+    channels_last = _channels_last(channels_last, dls, model)
     check_compatible(model, None, dls)
     dist = AdvDistill(m, None, igdm=False, loss_kwargs=loss_kwargs)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
@@ -275,6 +289,7 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
     learn = _learner(model, dls, cbs, metrics + [DistillStat('base_loss')], protocol, epochs, learner_kwargs)
     store_attr('method,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, threat=threat, protocol=protocol,
                fold_bn=fold_bn, bf16=bf16, compile=compile, attack_dtype=attack_dtype)
+    learn.channels_last = channels_last
     return learn
 
 # %% ../nbs/07_learner.ipynb #55e77542

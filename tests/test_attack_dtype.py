@@ -83,3 +83,22 @@ def test_cli_trains_with_a_bf16_attack_and_records_it(tmp_path, monkeypatch):
     assert code == 0
     assert json.loads((out/'config.json').read_text())['attack_dtype'] == 'bf16'
     assert len((out/'teacher_history.csv').read_text().splitlines()) == 2
+
+
+def test_channels_last_option_same_function_and_auto_off_on_a_cpu():
+    "channels_last=True stores the weights NHWC and trains to the same weights (up to float32 kernel rounding); 'auto' is off on a CPU."
+    out = {}
+    for cl in (False, True):
+        seed_everything(0)
+        dls = get_dls('digits', n_train=64, n_valid=32, bs=32, device='cpu')
+        torch.manual_seed(1); teacher = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=8)
+        torch.manual_seed(2); student = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4)
+        learn = distill_learner(teacher, student, dls, method='ard', alpha=1., threat=THREAT, channels_last=cl, check_teacher=False)
+        assert learn.channels_last is cl
+        convs = [p for p in learn.model.parameters() if p.ndim == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == cl
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+        out[cl] = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    assert all(torch.allclose(out[False][k].float(), out[True][k].float(), atol=1e-4) for k in out[False])
+    dls = get_dls('digits', n_train=64, n_valid=32, bs=32, device='cpu')
+    assert adv_learner(timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4), dls, threat=THREAT).channels_last is False
