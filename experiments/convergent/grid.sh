@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The PRE-REGISTERED grid of the convergent digits setting (README.md): written before any IGDM-vs-base result was seen.
-# Usage (from anywhere): bash experiments/convergent/grid.sh [teacher|main|alpha|table6|all]   (default: all)
+# Usage (from anywhere): bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all]   (default: all)
+#   EPOCHS=160 bash ... trains the students for 160 epochs instead of 80 (the rule of `gate`, README.md).
 #   DRY=1 prints the commands without running them. Resumable: a finished run (its metrics.json) is skipped and a killed
 #   one continues from its last complete epoch (--resume); rerun the same line after an interruption.
 # One process, one thread (OMP_NUM_THREADS=1); logs in experiments/convergent/grid/*.log (not committed).
@@ -13,7 +14,8 @@ SEEDS=(0 1 2 3 4)
 # the setting: sklearn digits (1,437 train / 360 validation, 8x8x1), Linf 64/255, step 16/255, 10 steps, batch 128
 COMMON=(--data digits --eps 64 --steps 10 --bs 128 --resume)
 T=$OUT/teacher/teacher.pt
-STUDENT=(--student tiny_mobilenet_cifar --teacher $T --epochs 40 --n-aa 0)
+EPOCHS=${EPOCHS:-80}
+STUDENT=(--student tiny_mobilenet_cifar --teacher $T --n-aa 0)
 # IGDM's alpha per method, fixed in advance: igdmfast's default for data outside the paper's table (its CIFAR-10 /
 # ResNet-18 / LTD row), written out so that a later change of that default does not change the grid
 declare -A ALPHA=([ard]=5 [rslad]=0.9 [adaad]=5)
@@ -23,11 +25,16 @@ run() {  # run a command unless DRY=1
 }
 student() {  # NAME, then the train options of the variant: train (unless finished), then AutoAttack on all 360 images
   local name=$1; shift
-  [ -f $OUT/$name/metrics.json ] || run "$IGDMFAST" train "${COMMON[@]}" "${STUDENT[@]}" "$@" --out $OUT/$name
+  [ -f $OUT/$name/metrics.json ] || run "$IGDMFAST" train "${COMMON[@]}" "${STUDENT[@]}" --epochs $EPOCHS "$@" --out $OUT/$name
   [ -f $OUT/${name}_aa/metrics.json ] || run "$IGDMFAST" eval $OUT/$name/student.pt --data digits --eps 64 --attacks aa --seed 0 --out $OUT/${name}_aa
 }
-teacher() {  # small_cnn, PGD-AT, 30 epochs, seed 0; AutoAttack on all 360 validation images
-  [ -f $OUT/teacher/metrics.json ] || run "$IGDMFAST" teacher "${COMMON[@]}" --arch small_cnn --method pgd_at --epochs 30 --seed 0 --n-aa 360 --out $OUT/teacher
+teacher() {  # small_cnn, PGD-AT, 100 epochs, seed 0; AutoAttack on all 360 validation images
+  [ -f $OUT/teacher/metrics.json ] || run "$IGDMFAST" teacher "${COMMON[@]}" --arch small_cnn --method pgd_at --epochs 100 --seed 0 --n-aa 360 --out $OUT/teacher
+}
+gate() {  # the convergence gate, before main: base ARD, AdaAD and PGD-AT students of seed 0 at 80 and at 160 epochs
+  for e in 80 160; do
+    for m in ard adaad pgd_at; do EPOCHS=$e student gate/${m}_e${e} --method $m --no-igdm --seed 0; done
+  done
 }
 main() {  # ARD, RSLAD, AdaAD, each without and with IGDM (alpha above), seeds 0-4; plus the PGD-AT student of each seed
   for s in "${SEEDS[@]}"; do
@@ -52,9 +59,10 @@ table6() {  # AdaAD with the teacher-free inner maximization (--inner student_ce
 what=${1:-all}
 case $what in
   teacher) teacher ;;
+  gate) teacher; gate ;;
   main) teacher; main ;;
   alpha) teacher; alpha ;;
   table6) teacher; table6 ;;
-  all) teacher; main; alpha; table6 ;;
-  *) echo "usage: bash experiments/convergent/grid.sh [teacher|main|alpha|table6|all]"; exit 2 ;;
+  all) teacher; gate; main; alpha; table6 ;;
+  *) echo "usage: bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all]"; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 """Pilot runs of the convergent CPU setting (issue #18 item 3): the exact commands, one process and one thread at a time.
 
 Usage (from the repository root):  .venv/bin/python experiments/convergent/pilot.py [NAME ...]   (no NAME: all, in order)
+                                   .venv/bin/python experiments/convergent/pilot.py --summary    (the table of README.md)
 Every pilot is an `igdmfast` CLI command (run in a child process). Pilots marked `curve` additionally record the
 student's PGD-20 accuracy on the whole validation set after every epoch (a `pgd20_acc` column in history.csv, drawn in
 training_curves.png): the child adds igdmfast's own `RobustAccuracy` metric to the learner the CLI builds. That is the
@@ -17,14 +18,16 @@ PILOT = HERE/'pilot'
 EPS, STEPS = 64, 10            # Linf 64/255 (0.251), step eps/4 = 16/255, 10 steps for training; eval PGD-20 at the same eps/step
 COMMON = ['--data', 'digits', '--eps', str(EPS), '--steps', str(STEPS), '--bs', '128', '--seed', '0', '--resume']
 TEACHER = PILOT/'teacher'/'teacher.pt'
-STUDENT = ['--student', 'tiny_mobilenet_cifar', '--teacher', str(TEACHER.relative_to(ROOT)), '--no-igdm']
+STUDENT = ['--student', 'tiny_mobilenet_cifar', '--no-igdm']
 
 def _eval(run, attacks='clean,pgd20,aa'):
     "`igdmfast eval` of a pilot's student on all 360 validation images at the setting's radius."
     return ['eval', f'experiments/convergent/pilot/{run}/student.pt', '--data', 'digits', '--eps', str(EPS), '--attacks', attacks]
 
-def _train(method, epochs, n_aa=0, extra=()):
-    return ['train', *COMMON, *STUDENT, '--method', method, '--epochs', str(epochs), '--n-aa', str(n_aa), *extra]
+def _train(method, epochs, n_aa=0, teacher=TEACHER):
+    "`igdmfast train` of a base student (no IGDM) of `method` distilled from `teacher` (PGD-AT ignores it)."
+    return ['train', *COMMON, *STUDENT, '--teacher', str(teacher.relative_to(ROOT)), '--method', method,
+            '--epochs', str(epochs), '--n-aa', str(n_aa)]
 
 # name -> (argv of `igdmfast`, record a per-epoch PGD-20 curve)
 PILOTS = {
@@ -50,6 +53,14 @@ PILOTS = {
     'adaad_e40_aa': (_eval('adaad_e40'), False),
     'ard_e80': (_train('ard', 80), True),                 # twice the epochs: has the 40-epoch student converged?
     'ard_e80_aa': (_eval('ard_e80'), False),
+    # ard_e80 passed the 30-epoch teacher's PGD-20 (58%): the teacher had not converged either. A 100-epoch teacher,
+    # and the PGD-AT student (which does not use the teacher) at 80 epochs against 40
+    'teacher_e100': (['teacher', *COMMON, '--arch', 'small_cnn', '--method', 'pgd_at', '--epochs', '100', '--n-aa', '360'], False),
+    'pgd_at_e80': (_train('pgd_at', 80), True),
+    'pgd_at_e80_aa': (_eval('pgd_at_e80'), False),
+    # the grid's teacher (100 epochs) distilled into the 80-epoch ARD student
+    'ard_e80_t100': (_train('ard', 80, teacher=PILOT/'teacher_e100'/'teacher.pt'), True),
+    'ard_e80_t100_aa': (_eval('ard_e80_t100'), False),
     # seconds per epoch without the per-epoch PGD-20 metric (5-epoch runs; their accuracies are not used)
     'time_ard': (_train('ard', 5), False),
     'time_rslad': (_train('rslad', 5), False),
@@ -94,6 +105,38 @@ def run(name):
     d[name] = round(wall, 1); walls.write_text(json.dumps(d, indent=1) + '\n')
     if rc: sys.exit(rc)
 
+def _numbers(name):
+    "The accuracies (%) of a pilot's model (the student's row of a train run, the teacher's of a teacher run, the eval's)."
+    f = out_of(name)/'metrics.json'
+    if not f.is_file(): return {}
+    models = json.loads(f.read_text())['models']
+    key = next((k for k in models if k.startswith('student')), next(iter(models)))
+    return models[key]['numbers']
+
+def _epoch_seconds(name):
+    "Median seconds per epoch from the run's history (fastai's mm:ss column), or None."
+    import csv, statistics
+    for h in ('history.csv', 'teacher_history.csv'):
+        f = out_of(name)/h
+        if f.is_file():
+            rows = list(csv.DictReader(f.open()))
+            secs = [int(r['time'].split(':')[0])*60 + int(r['time'].split(':')[1]) for r in rows if r.get('time')]
+            return statistics.median(secs) if secs else None
+
+def summary():
+    "A Markdown table of every finished pilot: accuracies, median seconds per epoch, wall seconds of the command."
+    walls = json.loads((PILOT/'wall_seconds.json').read_text()) if (PILOT/'wall_seconds.json').is_file() else {}
+    cols = ('clean', 'fgsm', 'pgd20', 'cw', 'aa')
+    print('| pilot | ' + ' | '.join(cols) + ' | s/epoch (median) | wall s |')
+    print('|---' * (len(cols) + 3) + '|')
+    for n in PILOTS:
+        nums = _numbers(n)
+        if not nums: continue
+        cell = lambda v: '–' if v is None else f"{v:.2f}"
+        e = _epoch_seconds(n)
+        print(f"| {n} | " + ' | '.join(cell(nums.get(c)) for c in cols) + f" | {'–' if e is None else e} | {walls.get(n, '–')} |")
+
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--child']: sys.exit(child(sys.argv[2]))
+    if sys.argv[1:2] == ['--summary']: sys.exit(summary())
     for n in (sys.argv[1:] or list(PILOTS)): run(n)
