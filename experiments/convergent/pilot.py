@@ -114,20 +114,19 @@ def _numbers(name):
     return models[key]['numbers']
 
 def _epoch_seconds(name):
-    "Median seconds per epoch from the run's history (fastai's mm:ss column), or None."
-    import csv, statistics
-    for h in ('history.csv', 'teacher_history.csv'):
-        f = out_of(name)/h
-        if f.is_file():
-            rows = list(csv.DictReader(f.open()))
-            secs = [int(r['time'].split(':')[0])*60 + int(r['time'].split(':')[1]) for r in rows if r.get('time')]
-            return statistics.median(secs) if secs else None
+    "Training seconds per epoch (the run's `metrics.json`: seconds of training over its epochs), or None."
+    f = out_of(name)/'metrics.json'
+    if not f.is_file(): return None
+    extra = json.loads(f.read_text())['extra']
+    secs, epochs = extra.get('seconds', {}), extra.get('config', {}).get('epochs')
+    t = secs.get('student') or secs.get('teacher')
+    return round(t / epochs, 2) if t and epochs else None
 
 def summary():
-    "A Markdown table of every finished pilot: accuracies, median seconds per epoch, wall seconds of the command."
+    "A Markdown table of every finished pilot: accuracies, training seconds per epoch, wall seconds of the command."
     walls = json.loads((PILOT/'wall_seconds.json').read_text()) if (PILOT/'wall_seconds.json').is_file() else {}
     cols = ('clean', 'fgsm', 'pgd20', 'cw', 'aa')
-    print('| pilot | ' + ' | '.join(cols) + ' | s/epoch (median) | wall s |')
+    print('| pilot | ' + ' | '.join(cols) + ' | s/epoch | wall s |')
     print('|---' * (len(cols) + 3) + '|')
     for n in PILOTS:
         nums = _numbers(n)
