@@ -139,7 +139,7 @@ def _speed(cbs, model, bf16, compile):
     if compile: model.compile()
     return cbs + [BF16()] if bf16 else cbs
 
-# %% ../nbs/07_learner.ipynb #36d82800
+# %% ../nbs/07_learner.ipynb #c610c5c4
 def _check_dls(dls, who='distill_learner'):
     "`dls` is None or fastai DataLoaders (anything with `train`, `valid`, `device` and `one_batch`), else a clear TypeError."
     if dls is None or all(hasattr(dls, a) for a in ('train', 'valid', 'device', 'one_batch')): return dls
@@ -252,10 +252,10 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     store_attr('method,inner,igdm,alpha,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, inner=m.inner_name,
                igdm=igdm, alpha=alpha, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile,
                attack_dtype=attack_dtype)
-    learn.channels_last = channels_last
+    learn.nhwc = channels_last   # not `channels_last`: fastai's load_learner reads that name as its own mixed-precision flag
     return learn
 
-# %% ../nbs/07_learner.ipynb #537058ce
+# %% ../nbs/07_learner.ipynb #027194b6
 def adv_learner(model:nn.Module|str, # the network to train robustly: a module or a model name
                 dls:DataLoaders|None=None, # fastai DataLoaders with images in [0,1] (default: the embedded digits)
                 method:str='pgd_at', # 'pgd_at' or 'trades' (methods that need no teacher)
@@ -289,7 +289,7 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
     learn = _learner(model, dls, cbs, metrics + [DistillStat('base_loss')], protocol, epochs, learner_kwargs)
     store_attr('method,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, threat=threat, protocol=protocol,
                fold_bn=fold_bn, bf16=bf16, compile=compile, attack_dtype=attack_dtype)
-    learn.channels_last = channels_last
+    learn.nhwc = channels_last   # not `channels_last`: fastai's load_learner reads that name as its own mixed-precision flag
     return learn
 
 # %% ../nbs/07_learner.ipynb #55e77542

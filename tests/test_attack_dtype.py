@@ -94,11 +94,11 @@ def test_channels_last_option_same_function_and_auto_off_on_a_cpu():
         torch.manual_seed(1); teacher = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=8)
         torch.manual_seed(2); student = timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4)
         learn = distill_learner(teacher, student, dls, method='ard', alpha=1., threat=THREAT, channels_last=cl, check_teacher=False)
-        assert learn.channels_last is cl
+        assert learn.nhwc is cl
         convs = [p for p in learn.model.parameters() if p.ndim == 4]
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == cl
         with learn.no_bar(), learn.no_logging(): learn.fit(1)
         out[cl] = {k: v.clone() for k, v in learn.model.state_dict().items()}
     assert all(torch.allclose(out[False][k].float(), out[True][k].float(), atol=1e-4) for k in out[False])
     dls = get_dls('digits', n_train=64, n_valid=32, bs=32, device='cpu')
-    assert adv_learner(timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4), dls, threat=THREAT).channels_last is False
+    assert adv_learner(timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4), dls, threat=THREAT).nhwc is False
