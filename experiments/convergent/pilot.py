@@ -61,6 +61,9 @@ PILOTS = {
     # the grid's teacher (100 epochs) distilled into the 80-epoch ARD student
     'ard_e80_t100': (_train('ard', 80, teacher=PILOT/'teacher_e100'/'teacher.pt'), True),
     'ard_e80_t100_aa': (_eval('ard_e80_t100'), False),
+    # the gate's ARD half, piloted: 160 epochs against ard_e80_t100
+    'ard_e160_t100': (_train('ard', 160, teacher=PILOT/'teacher_e100'/'teacher.pt'), True),
+    'ard_e160_t100_aa': (_eval('ard_e160_t100'), False),
     # seconds per epoch without the per-epoch PGD-20 metric (5-epoch runs; their accuracies are not used)
     'time_ard': (_train('ard', 5), False),
     'time_rslad': (_train('rslad', 5), False),
