@@ -414,6 +414,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'igdmfast.evaluate._intervals': ('evaluate.html#_intervals', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._jsonable': ('evaluate.html#_jsonable', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._jvp': ('evaluate.html#_jvp', 'igdmfast/evaluate.py'),
+                                   'igdmfast.evaluate._jvp_raw': ('evaluate.html#_jvp_raw', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._model_device': ('evaluate.html#_model_device', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._plain': ('evaluate.html#_plain', 'igdmfast/evaluate.py'),
                                    'igdmfast.evaluate._progress': ('evaluate.html#_progress', 'igdmfast/evaluate.py'),

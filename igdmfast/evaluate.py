@@ -523,8 +523,14 @@ def grad_alignment(student:nn.Module, # the student
     return dict(gd=float(gd.mean()), gc=float(gc.mean()), n=len(gd), subset=batches.subset,
                 per_sample_gd=gd, per_sample_gc=gc)
 
-# %% ../nbs/08_evaluate.ipynb #b0e4bfa9
+# %% ../nbs/08_evaluate.ipynb #2a63315a
 def _jvp(model, x, v):
+    "Forward-mode J·v. torch's first forward-mode call scripts its decompositions with `torch.jit.script`, which torch 2.14 marks deprecated: that warning (torch's own, nothing a user can act on) is kept out."
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+        return _jvp_raw(model, x, v)
+
+def _jvp_raw(model, x, v):
     try: return torch.func.jvp(model, (x,), (v,))
     except (RuntimeError, NotImplementedError): return torch.autograd.functional.jvp(model, x, v)
 

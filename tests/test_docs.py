@@ -229,3 +229,12 @@ def test_every_link_resolves(site, browser, request):
     assert not broken, '\n'.join(broken)
     assert not browser.offline_requests, f'pages asked the network for {browser.offline_requests}'
     assert n > len(pages) ** 2, 'too few links: the sidebar should link every page from every page'
+
+
+def test_no_machine_paths_or_stray_warnings_in_the_pages(site):
+    "The rendered pages show nothing of the machine that built them (issue #14): no virtualenv path, no checkout path, no warning."
+    out, _ = site
+    for page in sorted(Path(out).rglob('*.html')):
+        text = page.read_text(errors='replace')
+        for bad in ('site-packages', str(ROOT), 'FutureWarning', 'DeprecationWarning'):
+            assert bad not in text, f"{page.relative_to(out)} shows {bad!r}"
