@@ -42,8 +42,11 @@ def dls():
 def net(dls):
     "A small CNN trained naturally (no attack) on the real scikit-learn digits with a fastai Learner."
     seed_everything(0)
+    # its own loaders, made after the seed: the shared `dls` draws its batch order from Python's global random state,
+    # which depends on the tests run before in this process (xdist's scheduling), and so would the trained weights
+    train_dls = get_dls('digits', bs=64, device='cpu')
     m = small_cnn()
-    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    learn = Learner(train_dls, m, loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(5, 3e-3)
     m.eval().zero_grad(set_to_none=True)
     return m
