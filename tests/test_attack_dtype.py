@@ -42,7 +42,8 @@ def test_the_check_runs_at_the_first_batch_and_changes_nothing(method):
 def test_a_failed_check_warns_and_falls_back_to_float32(monkeypatch):
     "Forced to fail (a tolerance no attack meets), the fit warns once and trains exactly as attack_dtype=None would."
     real = precision.check_method_precision
-    monkeypatch.setattr(precision, 'check_method_precision',
+    import igdmfast.callback.adversarial as adversarial   # the name the callback calls
+    monkeypatch.setattr(adversarial, 'check_method_precision',
                         lambda *a, **k: real(*a, **{**k, 'tol_objective': -1.0, 'tol_success': -1.0}))
     with pytest.warns(AttackPrecisionWarning) as w: fell, adv = fit('bf16')
     assert len([m for m in w if issubclass(m.category, AttackPrecisionWarning)]) == 1
