@@ -263,3 +263,15 @@ def test_main_restores_the_thread_count(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     assert run_main(['train', '--threads', '1', '--epochs', '0', '--out', str(tmp_path/'o')], monkeypatch, tmp_path) == 2
     assert torch.get_num_threads() == before
+
+
+def test_a_full_disk_reported_by_torch_names_the_file_and_the_resume(tmp_path, monkeypatch):
+    "torch reports a failed write as `[enforce fail at inline_container.cc]`: with the disk full it becomes ENOSPC (issue #14)."
+    import collections, errno
+    import igdmfast.core as core
+    def failing_save(obj, f, *a, **k): f.write(b'abc'); raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0')
+    monkeypatch.setattr(torch, 'save', failing_save)
+    monkeypatch.setattr(core.shutil, 'disk_usage', lambda p: collections.namedtuple('usage', 'total used free')(100, 100, 0))
+    with pytest.raises(OSError) as e: core.atomic_save({'w': torch.zeros(3)}, tmp_path/'checkpoint.pt')
+    assert e.value.errno == errno.ENOSPC and 'checkpoint.pt' in str(e.value) and '--resume' in str(e.value)
+    assert 'inline_container' not in str(e.value) and list(tmp_path.iterdir()) == []   # no temporary file left
