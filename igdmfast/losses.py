@@ -13,10 +13,11 @@ from .core import check_labels
 from .attacks import kl_div, upcast_half
 
 # %% auto #0
-__all__ = ['kl_through', 'pgd_at_loss', 'trades_loss', 'ard_loss', 'iad_weights', 'iad_loss', 'akd_loss', 'rslad_loss',
-           'adaad_loss', 'adaiad_loss', 'igdm_loss', 'igdm_weight']
+__all__ = ['kl_through', 'pgd_at_needs', 'pgd_at_loss', 'trades_needs', 'trades_loss', 'ard_needs', 'ard_loss', 'iad_weights',
+           'iad_needs', 'iad_loss', 'akd_needs', 'akd_loss', 'rslad_needs', 'rslad_loss', 'adaad_needs', 'adaad_loss',
+           'adaiad_needs', 'adaiad_loss', 'igdm_loss', 'igdm_weight']
 
-# %% ../nbs/02_losses.ipynb #046847df
+# %% ../nbs/02_losses.ipynb #c4e7043c
 def kl_through(target_logits:Tensor, # logits of the target distribution P; gradients flow into them
                logits:Tensor, # logits of the prediction Q
               )->Tensor:
@@ -57,6 +58,11 @@ def _check_weight(name, v): _check_number(name, v, 0, 1)
 def _require(name, v, why):
     if v is None: raise ValueError(f"{name} is needed {why}; pass it (it may be None only when its term is off).")
 
+def _given(needs:frozenset, why:str, **named):
+    "Each of `named` that the loss's declaration `needs` holds was passed (not None)."
+    for name, v in named.items():
+        if name in needs: _require(name, v, why)
+
 _REDUCTIONS = ('batchmean', 'mean')
 def _reduce(per_sample:Tensor, n_classes:int, reduction:str)->Tensor:
     "Batch mean of per-sample sums ('batchmean'), or the mean over all B·C entries ('mean', PyTorch's `KLDivLoss()`)."
@@ -69,7 +75,11 @@ def _kd(s:Tensor, t:Tensor, temperature:float, reduction:str='batchmean')->Tenso
 
 def _ce(s:Tensor, y:Tensor)->Tensor: return F.cross_entropy(upcast_half(s), y.long())
 
-# %% ../nbs/02_losses.ipynb #678f81f1
+# %% ../nbs/02_losses.ipynb #cd5c3cca
+def pgd_at_needs(epoch:int=0, **options)->frozenset:
+    "What `pgd_at_loss` reads: S(x′) and y."
+    return frozenset({'s_adv', 'y'})
+
 def pgd_at_loss(s_adv:Tensor, # student logits on x'
                 y:Tensor, # labels
                )->Tensor:
@@ -77,7 +87,11 @@ def pgd_at_loss(s_adv:Tensor, # student logits on x'
     _check_logits(s_adv=s_adv); _check_labels(y, s_adv)
     return _ce(s_adv, y)
 
-# %% ../nbs/02_losses.ipynb #a1757507
+# %% ../nbs/02_losses.ipynb #61b7e39b
+def trades_needs(epoch:int=0, **options)->frozenset:
+    "What `trades_loss` reads: S(x), S(x′) and y."
+    return frozenset({'s_nat', 's_adv', 'y'})
+
 def trades_loss(s_nat:Tensor, # student logits on x (also the KL target, not detached)
                 s_adv:Tensor, # student logits on x'
                 y:Tensor, # labels
@@ -87,7 +101,11 @@ def trades_loss(s_nat:Tensor, # student logits on x (also the KL target, not det
     _check_logits(s_nat=s_nat, s_adv=s_adv); _check_labels(y, s_nat); _check_number('beta', beta, 0)
     return _ce(s_nat, y) + beta * kl_through(s_nat, s_adv).mean()
 
-# %% ../nbs/02_losses.ipynb #c8e44406
+# %% ../nbs/02_losses.ipynb #b349c739
+def ard_needs(epoch:int=0, kd_weight:float=1.0, **options)->frozenset:
+    "What `ard_loss` reads: S(x′) and T(x); S(x) and y for the CE term when kd_weight < 1."
+    return frozenset({'s_adv', 't_nat'} | ({'s_nat', 'y'} if kd_weight < 1 else set()))
+
 def ard_loss(s_adv:Tensor, # student logits on x'
              t_nat:Tensor, # teacher logits on the clean x
              s_nat:Tensor|None=None, # student logits on x (needed only when kd_weight < 1)
@@ -99,9 +117,9 @@ def ard_loss(s_adv:Tensor, # student logits on x'
     "ARD: a·τ²·KL(T(x)/τ ‖ S(x')/τ) + (1 − a)·CE(S(x), y), with a batch-mean or element-mean KL."
     _check_logits(s_adv=s_adv, t_nat=t_nat)
     _check_number('temperature', temperature, 0, lo_open=True); _check_weight('kd_weight', kd_weight)
+    _given(ard_needs(kd_weight=kd_weight), 'for the CE term of ARD when kd_weight < 1', s_nat=s_nat, y=y)
     loss = kd_weight * _kd(s_adv, t_nat, temperature, reduction)
     if kd_weight < 1:
-        _require('s_nat', s_nat, 'for the CE term of ARD when kd_weight < 1'); _require('y', y, 'when kd_weight < 1')
         _check_logits(s_adv=s_adv, s_nat=s_nat); _check_labels(y, s_nat)
         loss = loss + (1 - kd_weight) * _ce(s_nat, y)
     return loss
@@ -115,7 +133,16 @@ def iad_weights(t_adv:Tensor, # teacher logits on x'
     _check_logits(t_adv=t_adv); _check_labels(y, t_adv); _check_number('beta', beta, 0)
     return F.softmax(upcast_half(t_adv).detach(), 1).gather(1, y.long()[:, None]).squeeze(1).pow(beta)
 
-# %% ../nbs/02_losses.ipynb #94421015
+# %% ../nbs/02_losses.ipynb #8450e53b
+def _introspective_needs(t_kd:str, epoch:int, begin:int, kd_weight:float)->frozenset:
+    "What IAD-I's loss reads with the teacher term's target `t_kd` ('t_nat' for IAD, 't_adv' for AdaIAD)."
+    late = epoch >= begin
+    return frozenset({'s_adv', t_kd} | ({'s_nat', 'y'} if late or kd_weight < 1 else set()) | ({'t_adv'} if late else set()))
+
+def iad_needs(epoch:int=0, begin:int=60, kd_weight:float=1.0, **options)->frozenset:
+    "What `iad_loss` reads: S(x′) and T(x); S(x), y and T(x′) from epoch `begin` on; S(x) and y when kd_weight < 1."
+    return _introspective_needs('t_nat', epoch, begin, kd_weight)
+
 def iad_loss(s_adv:Tensor, # student logits on x'
              s_nat:Tensor|None, # student logits on x: CE input and self-distillation target (not detached)
              t_nat:Tensor, # teacher logits on the clean x
@@ -139,21 +166,24 @@ def _introspective(s_adv, s_nat, kd_target, t_adv, y, epoch, begin, temperature,
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
     _check_number('temperature', temperature, 0, lo_open=True); _check_weight('kd_weight', kd_weight)
     _check_number('beta', beta, 0)
+    needs = _introspective_needs(t_name, epoch, begin, kd_weight)
+    _given(needs, f"at epoch {epoch} (begin={begin}, kd_weight={kd_weight})", s_nat=s_nat, y=y)
+    _given(needs, f"from epoch begin={begin} on (now {epoch}) for the teacher reliability", t_adv=t_adv)
     introspect = epoch >= begin
     loss = kd_weight * _kd(s_adv, t_kd, temperature)
-    if introspect or kd_weight < 1:
-        why = f"at epoch {epoch} (begin={begin}, kd_weight={kd_weight})"
-        _require('s_nat', s_nat, why); _require('y', y, why)
-        _check_logits(s_adv=s_adv, s_nat=s_nat); _check_labels(y, s_nat)
+    if 's_nat' in needs: _check_logits(s_adv=s_adv, s_nat=s_nat); _check_labels(y, s_nat)
     if introspect:
-        _require('t_adv', t_adv, f"from epoch begin={begin} on (now {epoch}) for the teacher reliability")
         _check_logits(s_adv=s_adv, t_adv=t_adv)
         w = iad_weights(t_adv, y, beta)
         loss = loss + kd_weight * ((1 - w) * kl_through(s_nat, s_adv)).mean()
     if kd_weight < 1: loss = loss + (1 - kd_weight) * _ce(s_nat, y)
     return loss
 
-# %% ../nbs/02_losses.ipynb #545f3b9b
+# %% ../nbs/02_losses.ipynb #6dd07aa5
+def akd_needs(epoch:int=0, **options)->frozenset:
+    "What `akd_loss` reads: S(x′), T(x′) and y."
+    return frozenset({'s_adv', 't_adv', 'y'})
+
 def akd_loss(s_adv:Tensor, # student logits on x'
              t_adv:Tensor, # teacher logits on x' (the same adversarial batch)
              y:Tensor, # labels
@@ -166,11 +196,15 @@ def akd_loss(s_adv:Tensor, # student logits on x'
     loss = kd_weight * _kd(s_adv, t_adv, temperature)
     return loss + (1 - kd_weight) * _ce(s_adv, y) if kd_weight < 1 else loss
 
-# %% ../nbs/02_losses.ipynb #c149806c
+# %% ../nbs/02_losses.ipynb #689d326e
 def _rslad_kl(t:Tensor, s:Tensor)->Tensor:
     "RSLAD's hand-written elementwise KL `−p·log q + p·log(p + 1e−5)`, teacher detached, shape (B, C)."
     p = F.softmax(upcast_half(t).detach(), 1)
     return -p * F.log_softmax(upcast_half(s), 1) + p * torch.log(p + 1e-5)
+
+def rslad_needs(epoch:int=0, adv_weight:float=5/6, **options)->frozenset:
+    "What `rslad_loss` reads: S(x′) and T(x); S(x) for the clean term when adv_weight < 1."
+    return frozenset({'s_adv', 't_nat'} | ({'s_nat'} if adv_weight < 1 else set()))
 
 def rslad_loss(s_adv:Tensor, # student logits on x'
                s_nat:Tensor|None, # student logits on x (may be None only when adv_weight == 1)
@@ -182,14 +216,18 @@ def rslad_loss(s_adv:Tensor, # student logits on x'
     _check_logits(s_adv=s_adv, t_nat=t_nat); _check_weight('adv_weight', adv_weight)
     if scale is None: scale = t_nat.shape[1] / 10
     _check_number('scale', scale, 0, lo_open=True)
+    _given(rslad_needs(adv_weight=adv_weight), 'for the clean term of RSLAD when adv_weight < 1', s_nat=s_nat)
     loss = adv_weight * _rslad_kl(t_nat, s_adv).mean()
     if adv_weight < 1:
-        _require('s_nat', s_nat, 'for the clean term of RSLAD when adv_weight < 1')
         _check_logits(s_nat=s_nat, t_nat=t_nat)
         loss = loss + (1 - adv_weight) * _rslad_kl(t_nat, s_nat).mean()
     return scale * loss
 
-# %% ../nbs/02_losses.ipynb #2fbcffae
+# %% ../nbs/02_losses.ipynb #95129b73
+def adaad_needs(epoch:int=0, adv_weight:float=1.0, **options)->frozenset:
+    "What `adaad_loss` reads: S(x′) and T(x′); S(x) and T(x) for the clean term when adv_weight < 1."
+    return frozenset({'s_adv', 't_adv'} | ({'s_nat', 't_nat'} if adv_weight < 1 else set()))
+
 def adaad_loss(s_adv:Tensor, # student logits on x'
                t_adv:Tensor, # teacher logits on x'
                s_nat:Tensor|None=None, # student logits on x (needed only when adv_weight < 1)
@@ -199,15 +237,18 @@ def adaad_loss(s_adv:Tensor, # student logits on x'
               )->Tensor:
     "AdaAD: λ·KL(T(x') ‖ S(x')) + (1 − λ)·KL(T(x) ‖ S(x)), batch-mean or element-mean."
     _check_logits(s_adv=s_adv, t_adv=t_adv); _check_weight('adv_weight', adv_weight)
+    _given(adaad_needs(adv_weight=adv_weight), 'for the clean term of AdaAD when adv_weight < 1', s_nat=s_nat, t_nat=t_nat)
     loss = adv_weight * _kd(s_adv, t_adv, 1., reduction)
     if adv_weight < 1:
-        _require('s_nat', s_nat, 'for the clean term of AdaAD when adv_weight < 1')
-        _require('t_nat', t_nat, 'for the clean term of AdaAD when adv_weight < 1')
         _check_logits(s_adv=s_adv, s_nat=s_nat, t_nat=t_nat)
         loss = loss + (1 - adv_weight) * _kd(s_nat, t_nat, 1., reduction)
     return loss
 
-# %% ../nbs/02_losses.ipynb #312fba44
+# %% ../nbs/02_losses.ipynb #ddcff1ae
+def adaiad_needs(epoch:int=0, begin:int=60, kd_weight:float=1.0, **options)->frozenset:
+    "What `adaiad_loss` reads: S(x′) and T(x′); S(x) and y from epoch `begin` on, or when kd_weight < 1."
+    return _introspective_needs('t_adv', epoch, begin, kd_weight)
+
 def adaiad_loss(s_adv:Tensor, # student logits on x'
                 s_nat:Tensor|None, # student logits on x: CE input and self-distillation target (not detached)
                 t_adv:Tensor, # teacher logits on x': the distillation target and the reliability weights
