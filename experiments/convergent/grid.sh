@@ -2,6 +2,8 @@
 # The PRE-REGISTERED grid of the convergent digits setting (README.md): written before any IGDM-vs-base result was seen.
 # Usage (from anywhere): bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all]   (default: all)
 #   EPOCHS=320 bash ... trains the students for 320 epochs instead of 160 (the rule of `gate`, README.md).
+#   LANE=k LANES=n runs only every n-th student of the sequence (k = 0..n-1): n such processes, one thread each, run
+#   the grid in parallel without touching each other's folders (a scheduling option; the grid is the same).
 #   DRY=1 prints the commands without running them. Resumable: a finished run (its metrics.json) is skipped and a killed
 #   one continues from its last complete epoch (--resume); rerun the same line after an interruption.
 # One process, one thread (OMP_NUM_THREADS=1); logs in experiments/convergent/grid/*.log (not committed).
@@ -23,13 +25,17 @@ declare -A ALPHA=([ard]=5 [rslad]=0.9 [adaad]=5)
 run() {  # run a command unless DRY=1
   if [ "${DRY:-0}" = 1 ]; then echo "$*"; else "$@"; fi
 }
+N_STUDENT=0
 student() {  # NAME, then the train options of the variant: train (unless finished), then AutoAttack on all 360 images
   local name=$1; shift
+  N_STUDENT=$((N_STUDENT + 1))
+  [ $(((N_STUDENT - 1) % ${LANES:-1})) = "${LANE:-0}" ] || return 0
   [ -f $OUT/$name/metrics.json ] || run "$IGDMFAST" train "${COMMON[@]}" "${STUDENT[@]}" --epochs $EPOCHS "$@" --out $OUT/$name
   [ -f $OUT/${name}_aa/metrics.json ] || run "$IGDMFAST" eval $OUT/$name/student.pt --data digits --eps 64 --attacks aa --seed 0 --out $OUT/${name}_aa
 }
-teacher() {  # small_cnn, PGD-AT, 100 epochs, seed 0; AutoAttack on all 360 validation images
-  [ -f $OUT/teacher/metrics.json ] || run "$IGDMFAST" teacher "${COMMON[@]}" --arch small_cnn --method pgd_at --epochs 100 --seed 0 --n-aa 360 --out $OUT/teacher
+teacher() {  # small_cnn, PGD-AT, 100 epochs, seed 0; then AutoAttack on all 360 validation images (a separate eval)
+  [ -f $OUT/teacher/metrics.json ] || run "$IGDMFAST" teacher "${COMMON[@]}" --arch small_cnn --method pgd_at --epochs 100 --seed 0 --n-aa 0 --out $OUT/teacher
+  [ -f $OUT/teacher_aa/metrics.json ] || run "$IGDMFAST" eval $OUT/teacher/teacher.pt --data digits --eps 64 --attacks aa --seed 0 --out $OUT/teacher_aa
 }
 gate() {  # the convergence gate, before main: base ARD, AdaAD and PGD-AT students of seed 0 at 160 and at 320 epochs
   for e in 160 320; do
