@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""The results of the pre-registered grid (`grid.sh`), read from its run folders: `results.md`, `results.json`, plots.
+
+Usage (from the repository root):  .venv/bin/python experiments/convergent/summarize.py
+Every number comes from a run folder's `metrics.json` (clean / FGSM / PGD-20 / C&W of `train`, on all 360 validation
+images) and its `_aa` folder (AutoAttack of `igdmfast eval`, all 360). The statistics are `igdmfast.stats`: mean and
+Student t interval over seeds, the paired t interval of IGDM − base per seed, the Wilson interval of each accuracy.
+A block whose runs are not all finished is summarized over the seeds that are (it says which), never padded.
+"""
+import json, sys
+from igdmfast.core import atomic_write
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GRID = HERE/'grid'
+SEEDS = (0, 1, 2, 3, 4)
+ALPHAS = (0, 1, 2, 5, 10, 20, 50)      # the sweep of grid.sh (5: the main grid's ARD+IGDM)
+METRICS = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'seconds_per_epoch')
+GATE_RULE = 5.0                         # points of PGD-20 or AA gained from 160 to 320 epochs that switch the grid to 320
+
+def _student(m:dict)->dict:
+    "The student's numbers of a `train` metrics.json."
+    k = next(k for k in m['models'] if k.startswith('student'))
+    return m['models'][k]['numbers']
+
+def run_row(name:str, # a run folder under grid/, e.g. 'main/ard_igdm_s3'
+           )->dict|None:
+    "One finished run (train and its AutoAttack) as a row for `igdmfast.stats`, or None while it is not finished."
+    d, a = GRID/name, GRID/f'{name}_aa'
+    if not (d/'metrics.json').is_file() or not (a/'metrics.json').is_file(): return None
+    m, aa = json.loads((d/'metrics.json').read_text()), json.loads((a/'metrics.json').read_text())
+    cfg, nums = m['extra']['config'], _student(m)
+    aa_nums = next(iter(aa['models'].values()))['numbers']
+    if abs(aa_nums['clean'] - nums['clean']) > 1e-9:
+        raise ValueError(f"{name}: the AutoAttack run's clean accuracy {aa_nums['clean']} is not the training run's {nums['clean']}: "
+                         "it evaluated another checkpoint.")
+    return dict(name=name, method=cfg['method'], igdm=bool(cfg['igdm']), seed=cfg['seed'], alpha=cfg.get('alpha_used'),
+                inner=cfg.get('inner'), epochs=cfg['epochs'], clean=nums['clean'], fgsm=nums['fgsm'], pgd20=nums['pgd20'],
+                cw=nums['cw'], aa=aa_nums['aa'], n=360, n_aa=360,
+                seconds_per_epoch=m['extra']['seconds']['student'] / cfg['epochs'])
+
+def gate_table(epochs=(160, 320))->tuple[str, dict]:
+    "The convergence gate: base students of seed 0 at 160 and 320 epochs, and the rule's verdict."
+    rows, verdict = {}, {}
+    md = "| student | epochs | clean | PGD-20 | AA | s/epoch |\n|---|---|---|---|---|---|\n"
+    for m in ('ard', 'adaad', 'pgd_at'):
+        for e in epochs:
+            r = run_row(f'gate/{m}_e{e}')
+            rows[m, e] = r
+            md += (f"| {m} | {e} | " + ('not finished | | | |' if r is None else
+                   f"{r['clean']:.2f} | {r['pgd20']:.2f} | {r['aa']:.2f} | {r['seconds_per_epoch']:.2f} |") + "\n")
+        a, b = rows[m, epochs[0]], rows[m, epochs[1]]
+        if a and b: verdict[m] = dict(pgd20=b['pgd20'] - a['pgd20'], aa=b['aa'] - a['aa'])
+    done = len(verdict) == 3
+    switch = any(v['pgd20'] > GATE_RULE or v['aa'] > GATE_RULE for v in verdict.values())
+    md += "\n" + "".join(f"- {m}: 160 → 320 epochs: PGD-20 {v['pgd20']:+.2f}, AA {v['aa']:+.2f} points\n" for m, v in verdict.items())
+    md += ("\n**Gate: " + (f"a student gained more than {GATE_RULE:g} points: the grid trains 320 epochs.**" if switch else
+           f"no student gained more than {GATE_RULE:g} points: the grid trains 160 epochs.**") + "\n" if done else
+           "\nThe gate is not finished.\n")
+    return md, dict(rows={f'{m}_e{e}': r for (m, e), r in rows.items()}, deltas=verdict, finished=done,
+                    epochs=(320 if switch else 160) if done else None)
+
+def _rows(names):
+    rows = [run_row(n) for n in names]
+    return [r for r in rows if r is not None]
+
+def _paired_seeds(rows, *keys):
+    "The seeds for which every variant in `keys` ((method, igdm, tag) tuples) has a row."
+    have = {}
+    for r in rows: have.setdefault(r['_key'], set()).add(r['seed'])
+    return [s for s in SEEDS if all(s in have.get(k, ()) for k in keys)]
+
+def main_block():
+    "ARD, RSLAD, AdaAD ± IGDM and PGD-AT, seeds 0-4."
+    from igdmfast.stats import aggregate_compare, compare_markdown, plot_seeds
+    names = [f'main/{m}{v}_s{s}' for s in SEEDS for m in ('ard', 'rslad', 'adaad') for v in ('', '_igdm')]
+    names += [f'main/pgd_at_s{s}' for s in SEEDS]
+    rows = _rows(names)
+    if not rows: return "No run of the main grid is finished yet.\n", None
+    complete = [s for s in SEEDS if sum(r['seed'] == s for r in rows) == 7]
+    rows = [r for r in rows if r['seed'] in complete]
+    if not rows: return "No seed of the main grid has all 7 variants finished yet.\n", None
+    agg = aggregate_compare(rows, metrics=METRICS)
+    plot_seeds(agg, HERE/'main_seeds.png', metrics=('clean', 'pgd20', 'aa'),
+               title=f"Digits, Linf 64/255: seeds {', '.join(map(str, complete))}")
+    md = (f"Seeds with all 7 variants finished: {complete} (of {list(SEEDS)}). Every accuracy on all 360 validation images.\n\n"
+          + compare_markdown(agg) + "\n![seeds](main_seeds.png)\n")
+    return md, agg
+
+def alpha_block():
+    "ARD + IGDM with α ∈ ALPHAS against the ARD base of the same seed."
+    from igdmfast.stats import mean_ci, paired_diff
+    import matplotlib; matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    base = {r['seed']: r for r in _rows([f'main/ard_s{s}' for s in SEEDS])}
+    runs = {}
+    for a in ALPHAS:
+        names = [f'main/ard_igdm_s{s}' if a == 5 else f'alpha/ard_igdm_a{a}_s{s}' for s in SEEDS]
+        runs[a] = {r['seed']: r for r in _rows(names)}
+    out, md = {}, ("| α | seeds | clean | PGD-20 | AA | AA − base (paired) | signs +/−/0 |\n|---|---|---|---|---|---|---|\n")
+    for a in ALPHAS:
+        ss = [s for s in SEEDS if s in runs[a] and s in base]
+        if not ss: md += f"| {a} | 0 | not finished | | | | |\n"; continue
+        e = {k: mean_ci([runs[a][s][k] for s in ss]) for k in ('clean', 'pgd20', 'aa')}
+        d = paired_diff([runs[a][s]['aa'] for s in ss], [base[s]['aa'] for s in ss])
+        hw = lambda x: '' if x['half_width'] is None else f" ± {x['half_width']:.2f}"
+        ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
+        md += (f"| {a} | {len(ss)} | " + ' | '.join(f"{e[k]['mean']:.2f}{hw(e[k])}" for k in ('clean', 'pgd20', 'aa'))
+               + f" | {d['mean']:+.2f}{ci} | {d['positive']}/{d['negative']}/{d['zero']} |\n")
+        out[a] = dict(seeds=ss, **{k: e[k] for k in e}, aa_minus_base=d)
+    if out:
+        fig = Figure(figsize=(9, 3.6), layout='constrained')
+        axs = fig.subplots(1, 2)
+        for ax, k in zip(axs, ('pgd20', 'aa')):
+            xs = list(out)
+            ax.errorbar(range(len(xs)), [out[a][k]['mean'] for a in xs], yerr=[out[a][k]['half_width'] or 0 for a in xs],
+                        fmt='o-', capsize=4, label='ARD + IGDM')
+            for i, a in enumerate(xs):
+                ax.scatter([i] * len(out[a]['seeds']), [runs[a][s][k] for s in out[a]['seeds']], s=10, color='C0', alpha=0.4)
+            bs = sorted(base)
+            if bs:
+                b = mean_ci([base[s][k] for s in bs])
+                ax.axhline(b['mean'], color='C3', ls='--', label=f"ARD base ({len(bs)} seeds)")
+                if b['half_width']: ax.axhspan(b['mean'] - b['half_width'], b['mean'] + b['half_width'], color='C3', alpha=0.1)
+            ax.set_xticks(range(len(xs)), [str(a) for a in xs]); ax.set_xlabel('IGDM α')
+            ax.set_ylabel(f"{'PGD-20' if k == 'pgd20' else 'AutoAttack'} accuracy (%)"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+        fig.suptitle('ARD + IGDM against α: mean ± 95% t interval over seeds (dots: seeds)')
+        atomic_write(HERE/'alpha_sweep.png', lambda f: fig.savefig(f, format='png', dpi=110))
+        md += "\n![alpha sweep](alpha_sweep.png)\n"
+    return md, out
+
+def table6_block():
+    "AdaAD with its own and with the teacher-free inner maximization, each ± IGDM: AA against seconds per epoch."
+    from igdmfast.stats import mean_ci, paired_diff
+    import matplotlib; matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    variants = {'AdaAD': 'main/adaad_s{}', 'AdaAD + IGDM': 'main/adaad_igdm_s{}',
+                'AdaAD, teacher-free inner': 'table6/adaad_tf_s{}', 'AdaAD, teacher-free inner + IGDM': 'table6/adaad_tf_igdm_s{}'}
+    runs = {v: {r['seed']: r for r in _rows([p.format(s) for s in SEEDS])} for v, p in variants.items()}
+    ss = [s for s in SEEDS if all(s in runs[v] for v in variants)]
+    if not ss: return "No seed has all four Table 6 variants finished yet.\n", None
+    out = {v: {k: mean_ci([runs[v][s][k] for s in ss]) for k in ('clean', 'pgd20', 'aa', 'seconds_per_epoch')} for v in variants}
+    hw = lambda x, d=2: f"{x['mean']:.{d}f}" + ('' if x['half_width'] is None else f" ± {x['half_width']:.{d}f}")
+    md = f"Seeds {ss}. Mean ± 95% t interval over seeds.\n\n| variant | clean | PGD-20 | AA | s/epoch |\n|---|---|---|---|---|\n"
+    for v in variants:
+        md += f"| {v} | {hw(out[v]['clean'])} | {hw(out[v]['pgd20'])} | {hw(out[v]['aa'])} | {hw(out[v]['seconds_per_epoch'], 1)} |\n"
+    diffs = {}
+    for base, ig in (('AdaAD', 'AdaAD + IGDM'), ('AdaAD, teacher-free inner', 'AdaAD, teacher-free inner + IGDM')):
+        d = paired_diff([runs[ig][s]['aa'] for s in ss], [runs[base][s]['aa'] for s in ss]); diffs[ig] = d
+        ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
+        md += f"\n- {ig} − {base}, AA paired by seed: {d['mean']:+.2f}{ci} points (signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})"
+    fig = Figure(figsize=(6, 4), layout='constrained'); ax = fig.subplots()
+    for i, v in enumerate(variants):
+        e, t = out[v]['aa'], out[v]['seconds_per_epoch']
+        ax.errorbar([t['mean']], [e['mean']], xerr=[t['half_width'] or 0], yerr=[e['half_width'] or 0], fmt='os'[i % 2],
+                    color=f'C{i // 2}', capsize=4, label=v)
+    ax.set_xlabel('seconds per epoch (one thread)'); ax.set_ylabel('AutoAttack accuracy (%)'); ax.grid(alpha=0.3)
+    ax.legend(fontsize=8); ax.set_title(f'Table 6 at CPU scale: mean ± 95% t interval, seeds {ss}', fontsize=9)
+    atomic_write(HERE/'table6.png', lambda f: fig.savefig(f, format='png', dpi=110))
+    return md + "\n\n![table 6](table6.png)\n", dict(seeds=ss, variants=out, differences=diffs)
+
+def summarize()->dict:
+    "Write results.md and results.json from the finished runs; return what was written."
+    teacher = json.loads((GRID/'teacher'/'metrics.json').read_text())
+    t = next(iter(teacher['models'].values()))['numbers']
+    t_aa = next(iter(json.loads((GRID/'teacher_aa'/'metrics.json').read_text())['models'].values()))['numbers']['aa']
+    gate_md, gate = gate_table()
+    main_md, main_agg = main_block()
+    alpha_md, alpha = alpha_block()
+    t6_md, t6 = table6_block()
+    md = ("# The convergent digits grid: results\n\nWritten by `summarize.py` from the run folders under `grid/` (do not edit by "
+          "hand). Setting and pre-registration: `README.md`.\n\n"
+          f"Teacher (`grid/teacher`, `grid/teacher_aa`): clean {t['clean']:.2f}, PGD-20 {t['pgd20']:.2f}, AA {t_aa:.2f} (360 images).\n\n"
+          f"## Convergence gate\n\n{gate_md}\n## Main grid\n\n{main_md}\n## α sweep (ARD + IGDM)\n\n{alpha_md}\n"
+          f"## Table 6 at CPU scale\n\n{t6_md}\n")
+    res = dict(teacher=dict(**t, aa=t_aa), gate=gate, main=main_agg, alpha=alpha, table6=t6)
+    atomic_write(HERE/'results.md', lambda f: f.write(md.encode()))
+    atomic_write(HERE/'results.json', lambda f: f.write(json.dumps(res, indent=1, default=str).encode()))
+    return res
+
+if __name__ == '__main__':
+    summarize()
+    print((HERE/'results.md').read_text())
