@@ -127,7 +127,7 @@ def test_compare_writes_both_rows_and_plots(tmp_path, teacher_pt):
 
 def test_curve_radii_span_twice_the_threat_radius():
     "The accuracy-vs-eps radii follow --eps: MNIST's 0.3 gets 0 to 0.6, not CIFAR's 0 to 16/255."
-    from igdmfast.cli import _curve_radii
+    from igdmfast.evaluate import curve_radii as _curve_radii
     assert _curve_radii(0.3) == pytest.approx([0, 0.075, 0.15, 0.225, 0.3, 0.45, 0.6], abs=1e-12)
     assert _curve_radii(8 / 255) == tuple(k / 255 for k in (0, 2, 4, 6, 8, 12, 16))
 

@@ -201,7 +201,7 @@ def test_refused_options_claim_nothing(tmp_path, monkeypatch, bad):
 # ------------------------------------------------------------------------------------------------ wrong results
 
 def test_the_report_names_the_real_autoattack_count():
-    from igdmfast.cli import _aa_note
+    from igdmfast.runs import aa_note as _aa_note
     from igdmfast.data import get_dls
     dls = get_dls('digits', n_train=64, n_valid=20, bs=16, device='cpu')
     assert _aa_note(100000, dls) == 'AutoAttack (standard) on all 20 validation images (--n-aa 100000 asked for more)'
@@ -247,16 +247,16 @@ def test_importing_igdmfast_prints_no_warning():
 
 def test_auto_threads_leave_out_the_busy_cores(monkeypatch):
     "A quiet 2-core machine gets 2 threads, one with a busy core 1 (2 threads there ran the main job ~3x slower)."
-    import igdmfast.cli as cli
+    import igdmfast.runs as runs
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
-    monkeypatch.setattr(cli.os, 'sched_getaffinity', lambda pid: {0, 1})
+    monkeypatch.setattr(runs.os, 'sched_getaffinity', lambda pid: {0, 1})
     for load, n in ((0.1, 2), (1.0, 1), (3.7, 1)):
-        monkeypatch.setattr(cli.os, 'getloadavg', lambda load=load: (load, load, load))
-        assert cli._cpu_threads('auto') == n
+        monkeypatch.setattr(runs.os, 'getloadavg', lambda load=load: (load, load, load))
+        assert runs.cpu_threads('auto') == n
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    assert cli._cpu_threads('auto') == 1 and cli._cpu_threads('3') == 3
+    assert runs.cpu_threads('auto') == 1 and runs.cpu_threads('3') == 3
     for bad in ('0', 'many'):
-        with pytest.raises(CLIError, match="--threads must be 'auto' or a positive integer"): cli._cpu_threads(bad)
+        with pytest.raises(CLIError, match="--threads must be 'auto' or a positive integer"): runs.cpu_threads(bad)
 
 
 def test_main_restores_the_thread_count(tmp_path, monkeypatch):
