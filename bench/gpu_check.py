@@ -24,7 +24,9 @@ ALPHA = dict(rslad=4.0, adaad=50.0)   # the paper's α for MobileNetV2 / CIFAR-1
 SIZES = {
     'full': dict(student='resnet18_cifar', teacher='wrn34_10', s_kw={}, t_kw={}, bs=128, classes=100, pgd=10, batches=2,
                  repeats=2, n_eval=256, eval_bs=128, train_epochs=3, n_train=2048, aa_version='standard', aa_attacks=None),
-    'tiny': dict(student='tiny_resnet_cifar', teacher='tiny_resnet_cifar', s_kw=dict(width=4), t_kw=dict(width=8), bs=8,
+    # tiny: a width-8 student, not 4: torch 2.14.1's CPU backward of the width-4 tiny_resnet_cifar stored channels-last
+    # corrupts the heap ("double free or corruption") on an AVX2-only AMD EPYC (width 8 runs; AVX-512 machines run both)
+    'tiny': dict(student='tiny_resnet_cifar', teacher='tiny_resnet_cifar', s_kw=dict(width=8), t_kw=dict(width=8), bs=8,
                  classes=10, pgd=2, batches=1, repeats=1, n_eval=16, eval_bs=16, train_epochs=1, n_train=64,
                  aa_version='custom', aa_attacks=('apgd-ce',)),
     # the CPU benchmarks' pair (bench/_common.py: tiny_resnet_cifar teacher, tiny_mobilenet_cifar student), full batch
