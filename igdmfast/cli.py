@@ -13,10 +13,6 @@ from .core import seed_everything
 from .runs import *
 from .evaluate import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
-# the former names that experiments/paper/paper.py reads
-_threat, _schedule, _fit, _learner_opts, _model_arg, _check_inner, _rb_datasets = (parse_threat, parse_schedule, fit_epochs, learner_kwargs,
-                                                                                   build_model, check_inner_arg, robustbench_datasets)
-
 # %% auto #0
 __all__ = ['train', 'teacher', 'evaluate', 'compare', 'main']
 

@@ -6,6 +6,7 @@ from pathlib import Path
 def natural_pgd20(student, seed=0, epochs=10):
     "PGD-20 accuracy of `student` trained naturally (no attack) on the default data with the CLI's defaults."
     import timm, torch
+    import fastai.callback.schedule, fastai.callback.progress  # noqa: F401 (they add Learner.fit_one_cycle and no_bar)
     from fastai.learner import Learner
     from fastai.metrics import accuracy
     from torch.nn import CrossEntropyLoss

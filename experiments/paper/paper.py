@@ -181,10 +181,10 @@ def _two_batches(losses, n_batches):
 
 def teacher_path(args):
     "The checkpoint `igdmfast train` reads for the parsed `args`: RobustBench's layout for a name, else the file itself."
-    from igdmfast import cli
+    from igdmfast import cli, runs
     from igdmfast.models import robustbench_path
     if args.teacher in RB_NAMES.values():
-        return robustbench_path(args.teacher, cli._rb_datasets(args.teacher, args.data)[0], args.teacher_dir)
+        return robustbench_path(args.teacher, runs.robustbench_datasets(args.teacher, args.data)[0], args.teacher_dir)
     return Path(args.teacher)
 
 
@@ -198,21 +198,21 @@ def stand_in_teacher(n_classes, arch='tiny_resnet_cifar', seed=0, device='cpu'):
 
 def dry_run(row, teacher, tmp, n_batches=2, bs=2, device='cpu', teachers='teachers'):
     "Build `row`'s configuration from its command line with a stand-in `teacher` and data of the dataset's shape; train `n_batches`."
-    from igdmfast import cli
+    from igdmfast import cli, runs
     from igdmfast.data import synth_dls
     from igdmfast.learner import distill_learner, StepLR
     args = cli._parser().parse_args(row.argv(teachers=teachers))   # the command line parses ...
-    threat = cli._threat(args.eps, args.step, args.steps)
-    sched = cli._schedule(args.protocol, args.milestones, args.epochs)
-    cli._check_inner(args.inner)
+    threat = runs.parse_threat(args.eps, args.step, args.steps)
+    sched = runs.parse_schedule(args.protocol, args.milestones, args.epochs)
+    runs.check_inner_arg(args.inner)
     dls = synth_dls(n_train=n_batches * bs, n_valid=bs, n_classes=PROTOCOL[args.data]['classes'], bs=bs, device=device)
     dls.name = args.data
-    student = cli._model_arg(args.student, dls)                      # ... and the configuration builds and trains
+    student = runs.build_model(args.student, dls)                      # ... and the configuration builds and trains
     learn = distill_learner(teacher, student, dls, method=args.method, igdm=args.igdm, alpha=args.alpha, threat=threat,
-                            inner=args.inner, check_teacher=False, **cli._learner_opts(False, args.lr, sched))
+                            inner=args.inner, check_teacher=False, **runs.learner_kwargs(False, args.lr, sched))
     losses = []
     learn.add_cb(_two_batches(losses, n_batches))
-    with learn.no_bar(), learn.no_logging(): cli._fit(learn, args.epochs, Path(tmp)/'none.pt', False, sched)
+    with learn.no_bar(), learn.no_logging(): runs.fit_epochs(learn, args.epochs, Path(tmp)/'none.pt', False, sched)
     step = [cb for cb in learn.cbs if isinstance(cb, StepLR)]
     return dict(losses=losses, alpha=learn.alpha, lr=learn.lr, epochs=args.epochs, threat=threat, opt=type(learn.opt).__name__,
                 method=learn.method, inner=learn.inner, igdm=learn.igdm, n_classes=dls.c,
@@ -223,12 +223,12 @@ def dry_run(row, teacher, tmp, n_batches=2, bs=2, device='cpu', teachers='teache
 def dry_run_teacher(out=OUT):
     "Check the SVHN teacher command: it parses, its schedule and threat are the spec's and its architecture builds."
     import timm
-    from igdmfast import cli
+    from igdmfast import cli, runs
     from igdmfast.methods import get_method
     args = cli._parser().parse_args(teacher_argv(out))
-    sched = cli._schedule(args.protocol, args.milestones, args.epochs)
+    sched = runs.parse_schedule(args.protocol, args.milestones, args.epochs)
     model = timm.create_model(args.arch, num_classes=PROTOCOL[args.data]['classes'])
-    return dict(threat=cli._threat(args.eps, args.step, args.steps), sched=sched, epochs=args.epochs, method=get_method(args.method),
+    return dict(threat=runs.parse_threat(args.eps, args.step, args.steps), sched=sched, epochs=args.epochs, method=get_method(args.method),
                 arch=model.pretrained_cfg.get('architecture'), n_classes=model.num_classes, file=Path(args.out)/'teacher.pt')
 
 
