@@ -184,6 +184,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'igdmfast/callback/checkpoint.py'),
                                               'igdmfast.callback.checkpoint._sched_probe': ( 'callback.checkpoint.html#_sched_probe',
                                                                                              'igdmfast/callback/checkpoint.py'),
+                                              'igdmfast.callback.checkpoint._shuffling_loader': ( 'callback.checkpoint.html#_shuffling_loader',
+                                                                                                  'igdmfast/callback/checkpoint.py'),
                                               'igdmfast.callback.checkpoint._trackers_state': ( 'callback.checkpoint.html#_trackers_state',
                                                                                                 'igdmfast/callback/checkpoint.py'),
                                               'igdmfast.callback.checkpoint.checkpoint_state': ( 'callback.checkpoint.html#checkpoint_state',

@@ -31,6 +31,11 @@ def _py_state(rng=None)->dict:
 
 def _py_tuple(s:dict)->tuple: return (s['version'], tuple(s['state'].tolist()), s['gauss'])
 
+def _shuffling_loader(dl):
+    "The loader whose `rng` shuffles: the wrapped loader of fastai's `DistributedDL` (it delegates `randomize` and `get_idxs`), else `dl`."
+    inner = getattr(dl, 'dl', None)
+    return inner if type(dl).__name__ == 'DistributedDL' and inner is not None else dl
+
 def rng_states(dls=None, # also capture the `rng` of each of these DataLoaders (shuffling, augmentation)
               )->dict:
     "The states of Python's, NumPy's, torch's CPU and CUDA generators (and `dls`' loaders), as tensors and plain values."
@@ -42,7 +47,7 @@ def rng_states(dls=None, # also capture the `rng` of each of these DataLoaders (
               cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
     if dls is not None:
         st['loaders'] = [_py_state(dl.rng) if isinstance(getattr(dl, 'rng', None), random.Random) else None
-                         for dl in dls.loaders]
+                         for dl in map(_shuffling_loader, dls.loaders)]
     return st
 
 def set_rng_states(st:dict, # states from `rng_states`
@@ -60,7 +65,7 @@ def set_rng_states(st:dict, # states from `rng_states`
     if dls is not None and st.get('loaders') is not None:
         if len(st['loaders']) != len(dls.loaders):
             raise ValueError(f"The states of {len(st['loaders'])} DataLoaders were saved but there are {len(dls.loaders)}.")
-        for dl, s in zip(dls.loaders, st['loaders']):
+        for dl, s in zip(map(_shuffling_loader, dls.loaders), st['loaders']):
             if s is not None and isinstance(getattr(dl, 'rng', None), random.Random): dl.rng.setstate(_py_tuple(s))
 
 # %% ../../nbs/09_callback.checkpoint.ipynb #c4b069c6
