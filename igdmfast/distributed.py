@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_distributed.ipynb #480f5bcf
 from __future__ import annotations
-import warnings
+import atexit, warnings
 import torch
 from fastai.torch_core import rank_distrib, num_distrib
 try: import accelerate  # noqa: F401  (fastai's DistributedTrainer is built on it)
@@ -13,7 +13,7 @@ except ImportError as e:
 from fastai.distributed import DistributedDL, DistributedTrainer
 
 # %% auto #0
-__all__ = ['is_main_process', 'barrier', 'DistribDL', 'DistribTrainer']
+__all__ = ['is_main_process', 'barrier', 'DistribDL', 'destroy_group_at_exit', 'DistribTrainer']
 
 # %% ../nbs/11_distributed.ipynb #89b7a408
 def is_main_process()->bool:
@@ -38,6 +38,16 @@ class DistribDL(DistributedDL):
         return t.cpu().tolist()
 
 # %% ../nbs/11_distributed.ipynb #29aa8aa4
+def _destroy_group():
+    "Leave the default process group, if this process is in one."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+
+def destroy_group_at_exit():
+    "Leave the process group when the interpreter exits, before its teardown (once, however often it is called)."
+    atexit.unregister(_destroy_group)
+    atexit.register(_destroy_group)
+
+# %% ../nbs/11_distributed.ipynb #0024b8b6
 class DistribTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` for igdmfast: `DistribDL` shards on any backend, SyncBatchNorm only where PyTorch has it."
     def __init__(self,
@@ -49,6 +59,7 @@ class DistribTrainer(DistributedTrainer):
             warnings.warn("SyncBatchNorm has no CPU kernel in PyTorch: on the CPU each process's BatchNorm normalizes "
                           "its own shard. Pass sync_bn=False to silence this.")
             sync_bn = False
-        super().__init__(sync_bn=sync_bn, cpu=cpu, **kwargs)
+        super().__init__(sync_bn=sync_bn, cpu=cpu, **kwargs)   # accelerate's `Accelerator` joins the process group
+        destroy_group_at_exit()
 
     def _wrap_dl(self, dl): return dl if isinstance(dl, DistributedDL) else DistribDL(dl, device=self.learn.model.device)

@@ -1,6 +1,6 @@
 """A short IGDM distillation, run by tests/test_distributed.py either in one process or under `torchrun` on several
 (gloo, CPU): `python _distributed_fit.py OUT BS`. Each process saves its student and its logged epoch values to OUT."""
-import dataclasses, json, sys
+import atexit, dataclasses, json, sys
 from pathlib import Path
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ def main(out, bs):
     torch.save({k: v.detach().clone() for k, v in learn.model.state_dict().items()}, out/f'student_rank{rank}.pt')
     names = list(learn.recorder.metric_names[1:-1])
     (out/f'log_rank{rank}.json').write_text(json.dumps([dict(zip(names, map(float, row))) for row in learn.recorder.values]))
+    if torch.distributed.is_initialized():   # a launch of several processes: the exit handlers must leave the group
+        atexit._run_exitfuncs()
+        (out/f'group_rank{rank}.json').write_text(json.dumps(dict(left_at_exit=not torch.distributed.is_initialized())))
 
 
 if __name__ == '__main__': main(sys.argv[1], int(sys.argv[2]))

@@ -27,7 +27,8 @@ def fits(tmp_path_factory):
                            env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
     load = lambda d, r: (torch.load(d/f'student_rank{r}.pt'), json.loads((d/f'log_rank{r}.json').read_text()))
-    return dict(rank0=load(two, 0), rank1=load(two, 1), single=load(one, 0), halves=load(halves, 0))
+    groups = [json.loads((two/f'group_rank{r}.json').read_text()) for r in (0, 1)]
+    return dict(rank0=load(two, 0), rank1=load(two, 1), single=load(one, 0), halves=load(halves, 0), groups=groups)
 
 
 def max_diff(a, b): return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -47,6 +48,11 @@ def test_two_processes_match_one_on_the_global_batch(fits):
     for a, b in zip(log2, log1):
         for k in ('valid_loss', 'accuracy', 'base_loss', 'igdm_loss', 'igdm_weight'):
             assert abs(a[k] - b[k]) < 1e-5 * max(1, abs(b[k])), (k, a[k], b[k])
+
+
+def test_every_rank_leaves_the_process_group_at_exit(fits):
+    "A gloo process still in its group at the interpreter's teardown can abort (SIGABRT); the exit handlers leave it."
+    assert fits['groups'] == [dict(left_at_exit=True)] * 2
 
 
 def test_the_comparison_can_fail(fits):
