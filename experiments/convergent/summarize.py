@@ -76,16 +76,16 @@ def main_block():
     names = [f'main/{m}{v}_s{s}' for s in SEEDS for m in ('ard', 'rslad', 'adaad') for v in ('', '_igdm')]
     names += [f'main/pgd_at_s{s}' for s in SEEDS]
     rows = _rows(names)
-    if not rows: return "No run of the main grid is finished yet.\n", None
+    if not rows: return "No run of the main grid is finished yet.\n", None, None
     complete = [s for s in SEEDS if sum(r['seed'] == s for r in rows) == 7]
     rows = [r for r in rows if r['seed'] in complete]
-    if not rows: return "No seed of the main grid has all 7 variants finished yet.\n", None
+    if not rows: return "No seed of the main grid has all 7 variants finished yet.\n", None, None
     agg = aggregate_compare(rows, metrics=METRICS)
-    plot_seeds(agg, HERE/'main_seeds.png', metrics=('clean', 'pgd20', 'aa'),
-               title=f"Digits, Linf 64/255: seeds {', '.join(map(str, complete))}")
     md = (f"Seeds with all 7 variants finished: {complete} (of {list(SEEDS)}). Every accuracy on all 360 validation images.\n\n"
-          + compare_markdown(agg) + "\n![seeds](main_seeds.png)\n")
-    return md, agg
+          + compare_markdown(agg))
+    draw = lambda path: plot_seeds(agg, path, metrics=('clean', 'pgd20', 'aa'),
+                                   title=f"Digits, Linf 64/255: seeds {', '.join(map(str, complete))}")
+    return md, agg, draw
 
 def alpha_block():
     "ARD + IGDM with α ∈ ALPHAS against the ARD base of the same seed."
@@ -108,6 +108,7 @@ def alpha_block():
         md += (f"| {a} | {len(ss)} | " + ' | '.join(f"{e[k]['mean']:.2f}{hw(e[k])}" for k in ('clean', 'pgd20', 'aa'))
                + f" | {d['mean']:+.2f}{ci} | {d['positive']}/{d['negative']}/{d['zero']} |\n")
         out[a] = dict(seeds=ss, **{k: e[k] for k in e}, aa_minus_base=d)
+    fig = None
     if out:
         fig = Figure(figsize=(9, 3.6), layout='constrained')
         axs = fig.subplots(1, 2)
@@ -125,9 +126,7 @@ def alpha_block():
             ax.set_xticks(range(len(xs)), [str(a) for a in xs]); ax.set_xlabel('IGDM α')
             ax.set_ylabel(f"{'PGD-20' if k == 'pgd20' else 'AutoAttack'} accuracy (%)"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
         fig.suptitle('ARD + IGDM against α: mean ± 95% t interval over seeds (dots: seeds)')
-        atomic_write(HERE/'alpha_sweep.png', lambda f: fig.savefig(f, format='png', dpi=110))
-        md += "\n![alpha sweep](alpha_sweep.png)\n"
-    return md, out
+    return md, out, _saver(fig)
 
 def table6_block():
     "AdaAD with its own and with the teacher-free inner maximization, each ± IGDM: AA against seconds per epoch."
@@ -138,7 +137,7 @@ def table6_block():
                 'AdaAD, teacher-free inner': 'table6/adaad_tf_s{}', 'AdaAD, teacher-free inner + IGDM': 'table6/adaad_tf_igdm_s{}'}
     runs = {v: {r['seed']: r for r in _rows([p.format(s) for s in SEEDS])} for v, p in variants.items()}
     ss = [s for s in SEEDS if all(s in runs[v] for v in variants)]
-    if not ss: return "No seed has all four Table 6 variants finished yet.\n", None
+    if not ss: return "No seed has all four Table 6 variants finished yet.\n", None, None
     out = {v: {k: mean_ci([runs[v][s][k] for s in ss]) for k in ('clean', 'pgd20', 'aa', 'seconds_per_epoch')} for v in variants}
     hw = lambda x, d=2: f"{x['mean']:.{d}f}" + ('' if x['half_width'] is None else f" ± {x['half_width']:.{d}f}")
     md = f"Seeds {ss}. Mean ± 95% t interval over seeds.\n\n| variant | clean | PGD-20 | AA | s/epoch |\n|---|---|---|---|---|\n"
@@ -156,27 +155,43 @@ def table6_block():
                     color=f'C{i // 2}', capsize=4, label=v)
     ax.set_xlabel('seconds per epoch (one thread)'); ax.set_ylabel('AutoAttack accuracy (%)'); ax.grid(alpha=0.3)
     ax.legend(fontsize=8); ax.set_title(f'Table 6 at CPU scale: mean ± 95% t interval, seeds {ss}', fontsize=9)
-    atomic_write(HERE/'table6.png', lambda f: fig.savefig(f, format='png', dpi=110))
-    return md + "\n\n![table 6](table6.png)\n", dict(seeds=ss, variants=out, differences=diffs)
+    return md + "\n", dict(seeds=ss, variants=out, differences=diffs), _saver(fig)
 
-def summarize()->dict:
-    "Write results.md and results.json from the finished runs; return what was written."
+def _saver(fig):
+    "A function that writes `fig` as a PNG at a path (None without a figure)."
+    return None if fig is None else (lambda path: atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)))
+
+def as_json(x):
+    "`x` as `results.json` holds it (tuples become lists, anything else unknown to JSON a string)."
+    return json.loads(json.dumps(x, default=str))
+
+def collect()->dict:
+    "Every block's Markdown, numbers and figure-writer, read from the run folders; writes nothing."
     teacher = json.loads((GRID/'teacher'/'metrics.json').read_text())
     t = next(iter(teacher['models'].values()))['numbers']
     t_aa = next(iter(json.loads((GRID/'teacher_aa'/'metrics.json').read_text())['models'].values()))['numbers']['aa']
     gate_md, gate = gate_table()
-    main_md, main_agg = main_block()
-    alpha_md, alpha = alpha_block()
-    t6_md, t6 = table6_block()
-    md = ("# The convergent digits grid: results\n\nWritten by `summarize.py` from the run folders under `grid/` (do not edit by "
-          "hand). Setting and pre-registration: `README.md`.\n\n"
-          f"Teacher (`grid/teacher`, `grid/teacher_aa`): clean {t['clean']:.2f}, PGD-20 {t['pgd20']:.2f}, AA {t_aa:.2f} (360 images).\n\n"
-          f"## Convergence gate\n\n{gate_md}\n## Main grid\n\n{main_md}\n## α sweep (ARD + IGDM)\n\n{alpha_md}\n"
-          f"## Table 6 at CPU scale\n\n{t6_md}\n")
-    res = dict(teacher=dict(**t, aa=t_aa), gate=gate, main=main_agg, alpha=alpha, table6=t6)
-    atomic_write(HERE/'results.md', lambda f: f.write(md.encode()))
-    atomic_write(HERE/'results.json', lambda f: f.write(json.dumps(res, indent=1, default=str).encode()))
-    return res
+    blocks = dict(gate=(gate_md, gate, None), main=main_block(), alpha=alpha_block(), table6=table6_block())
+    md = {k: b[0] for k, b in blocks.items()}
+    md['teacher'] = f"Teacher (`grid/teacher`, `grid/teacher_aa`): clean {t['clean']:.2f}, PGD-20 {t['pgd20']:.2f}, AA {t_aa:.2f} (360 images).\n"
+    data = dict(teacher=dict(**t, aa=t_aa), **{k: b[1] for k, b in blocks.items()})
+    return dict(md=md, data=data, figures={k: b[2] for k, b in blocks.items() if b[2] is not None})
+
+FIGURES = dict(main='main_seeds.png', alpha='alpha_sweep.png', table6='table6.png')
+
+def summarize()->dict:
+    "Write results.md, results.json and the plots from the finished runs; return the numbers written."
+    c = collect()
+    md, figs = c['md'], c['figures']
+    for k, draw in figs.items(): draw(HERE/FIGURES[k])
+    img = lambda k: f"\n![{k}]({FIGURES[k]})\n" if k in figs else ''
+    text = ("# The convergent digits grid: results\n\nWritten by `summarize.py` from the run folders under `grid/` (do not edit by "
+            "hand). Setting and pre-registration: `README.md`.\n\n" + md['teacher'] + "\n"
+            f"## Convergence gate\n\n{md['gate']}\n## Main grid\n\n{md['main']}{img('main')}\n## α sweep (ARD + IGDM)\n\n"
+            f"{md['alpha']}{img('alpha')}\n## Table 6 at CPU scale\n\n{md['table6']}{img('table6')}\n")
+    atomic_write(HERE/'results.md', lambda f: f.write(text.encode()))
+    atomic_write(HERE/'results.json', lambda f: f.write(json.dumps(c['data'], indent=1, default=str).encode()))
+    return c['data']
 
 if __name__ == '__main__':
     summarize()
