@@ -8,7 +8,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / 'bench'
 sys.path.insert(0, str(BENCH))
-import bench_step, bench_efficiency, bench_eval   # noqa: E402
+import bench_step, bench_efficiency, bench_eval, bench_table6   # noqa: E402
 from _common import models, images   # noqa: E402
 
 
@@ -49,3 +49,11 @@ def test_bench_eval_runs(capsys, tmp_path):
     out = capsys.readouterr().out
     assert 'PGD-20' in out and 'AutoAttack' in out
     assert (tmp_path / 'eval.json').exists()
+
+
+def test_bench_table6_runs(capsys):
+    "The four Table 6 variants on the grid's teacher, each fitted once: a row each, AdaAD's ratio exactly 1."
+    rows = bench_table6.main(['--n-train', '256', '--epochs', '1', '--repeats', '1'])
+    out = capsys.readouterr().out
+    assert [r['variant'] for r in rows] == list(bench_table6.VARIANTS) and rows[0]['vs_adaad'] == 1.0
+    assert all(r['s_per_epoch'] > 0 for r in rows) and 'teacher-free inner + IGDM' in out and 'cpu' in out
