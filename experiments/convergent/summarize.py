@@ -128,6 +128,12 @@ def alpha_block():
         fig.suptitle('ARD + IGDM against α: mean ± 95% t interval over seeds (dots: seeds)')
     return md, out, _saver(fig)
 
+COST = HERE/'cost.json'   # `python bench/bench_table6.py --json experiments/convergent/cost.json`
+
+def _cost():
+    "The one-machine timing of the four Table 6 variants, when it has been measured."
+    return json.loads(COST.read_text()) if COST.is_file() else None
+
 def table6_block():
     "AdaAD with its own and with the teacher-free inner maximization, each ± IGDM: AA against seconds per epoch."
     from igdmfast.stats import mean_ci, paired_diff
@@ -148,14 +154,23 @@ def table6_block():
         d = paired_diff([runs[ig][s]['aa'] for s in ss], [runs[base][s]['aa'] for s in ss]); diffs[ig] = d
         ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
         md += f"\n- {ig} − {base}, AA paired by seed: {d['mean']:+.2f}{ci} points (signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})"
+    cost = _cost()
+    if cost:
+        md += (f"\n\nCost measured on one machine in one run (`bench/bench_table6.py`, {cost['epochs']} epochs per fit, median of "
+               f"{cost['repeats']} interleaved rounds; {cost['machine']['cpu']}, {cost['machine']['threads']} thread):\n\n"
+               "| variant | s/epoch | × AdaAD |\n|---|---|---|\n"
+               + "".join(f"| {r['variant']} | {r['s_per_epoch']:.2f} | {r['vs_adaad']:.2f} |\n" for r in cost['rows']))
     fig = Figure(figsize=(6, 4), layout='constrained'); ax = fig.subplots()
     for i, v in enumerate(variants):
-        e, t = out[v]['aa'], out[v]['seconds_per_epoch']
-        ax.errorbar([t['mean']], [e['mean']], xerr=[t['half_width'] or 0], yerr=[e['half_width'] or 0], fmt='os'[i % 2],
+        e = out[v]['aa']
+        if cost: x, xerr = next(r['s_per_epoch'] for r in cost['rows'] if r['variant'] == v), 0
+        else: x, xerr = out[v]['seconds_per_epoch']['mean'], out[v]['seconds_per_epoch']['half_width'] or 0
+        ax.errorbar([x], [e['mean']], xerr=[xerr], yerr=[e['half_width'] or 0], fmt='os'[i % 2],
                     color=f'C{i // 2}', capsize=4, label=v)
-    ax.set_xlabel('seconds per epoch (one thread)'); ax.set_ylabel('AutoAttack accuracy (%)'); ax.grid(alpha=0.3)
+    ax.set_xlabel('seconds per epoch (one thread; ' + ('bench_table6.py, one machine)' if cost else "the grid's runs)"))
+    ax.set_ylabel('AutoAttack accuracy (%)'); ax.grid(alpha=0.3)
     ax.legend(fontsize=8); ax.set_title(f'Table 6 at CPU scale: mean ± 95% t interval, seeds {ss}', fontsize=9)
-    return md + "\n", dict(seeds=ss, variants=out, differences=diffs), _saver(fig)
+    return md + "\n", dict(seeds=ss, variants=out, differences=diffs, cost=cost and cost['rows']), _saver(fig)
 
 def _saver(fig):
     "A function that writes `fig` as a PNG at a path (None without a figure)."
