@@ -16,6 +16,9 @@ GRID = HERE/'grid'
 SEEDS = (0, 1, 2, 3, 4)
 ALPHAS = (0, 1, 2, 5, 10, 20, 50)      # the sweep of grid.sh (5: the main grid's ARD+IGDM)
 METRICS = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'seconds_per_epoch')
+# runs that resumed from a checkpoint in a later process, and the epoch they resumed at: their metrics.json counts the
+# seconds of that last process only (README.md, "Running the grid: a log")
+RESUMED = {'gate/adaad_e320': 202}
 GATE_RULE = 5.0                         # points of PGD-20 or AA gained from 160 to 320 epochs that switch the grid to 320
 
 def _student(m:dict)->dict:
@@ -37,7 +40,7 @@ def run_row(name:str, # a run folder under grid/, e.g. 'main/ard_igdm_s3'
     return dict(name=name, method=cfg['method'], igdm=bool(cfg['igdm']), seed=cfg['seed'], alpha=cfg.get('alpha_used'),
                 inner=cfg.get('inner'), epochs=cfg['epochs'], clean=nums['clean'], fgsm=nums['fgsm'], pgd20=nums['pgd20'],
                 cw=nums['cw'], aa=aa_nums['aa'], n=360, n_aa=360,
-                seconds_per_epoch=m['extra']['seconds']['student'] / cfg['epochs'])
+                seconds_per_epoch=m['extra']['seconds']['student'] / (cfg['epochs'] - RESUMED.get(name, 0)))
 
 def gate_table(epochs=(160, 320))->tuple[str, dict]:
     "The convergence gate: base students of seed 0 at 160 and 320 epochs, and the rule's verdict."
