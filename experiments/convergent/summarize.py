@@ -63,6 +63,35 @@ def gate_table(epochs=(160, 320))->tuple[str, dict]:
     return md, dict(rows={f'{m}_e{e}': r for (m, e), r in rows.items()}, deltas=verdict, finished=done,
                     epochs=(320 if switch else 160) if done else None)
 
+def _history(name:str)->dict:
+    "A run's per-epoch training loss and clean validation accuracy (%) from its `history.csv` (fastai's CSVLogger)."
+    import csv
+    with open(GRID/name/'history.csv') as f: rows = list(csv.DictReader(f))
+    return dict(epoch=[int(r['epoch']) + 1 for r in rows], train_loss=[float(r['train_loss']) for r in rows],
+                clean=[100 * float(r['accuracy']) for r in rows])
+
+def gate_figure(gate:dict, epochs=(160, 320)):
+    "The gate's training curves (loss, clean accuracy per epoch) and its robust accuracies at 160 and 320 epochs."
+    import matplotlib; matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12, 3.6), layout='constrained')
+    ax_loss, ax_clean, ax_rob = fig.subplots(1, 3)
+    for i, m in enumerate(('ard', 'adaad', 'pgd_at')):
+        for e, ls in zip(epochs, ('-', ':')):
+            if not (GRID/f'gate/{m}_e{e}'/'history.csv').is_file(): continue
+            h = _history(f'gate/{m}_e{e}')
+            ax_loss.plot(h['epoch'], h['train_loss'], ls, color=f'C{i}', lw=1, label=f'{m}, {e} epochs')
+            ax_clean.plot(h['epoch'], h['clean'], ls, color=f'C{i}', lw=1, label=f'{m}, {e} epochs')
+        for k, mk in (('pgd20', 'o'), ('aa', 's')):
+            pts = [(e, gate['rows'][f'{m}_e{e}'][k]) for e in epochs if gate['rows'].get(f'{m}_e{e}')]
+            if pts: ax_rob.plot(*zip(*pts), mk + '-', color=f'C{i}', label=f"{m} {'PGD-20' if k == 'pgd20' else 'AA'}")
+    ax_loss.set_yscale('log'); ax_loss.set_ylabel('training loss (the method\'s outer loss)')
+    ax_clean.set_ylim(90, 100); ax_clean.set_ylabel('clean validation accuracy (%)')
+    ax_rob.set_xticks(list(epochs)); ax_rob.set_ylabel('robust accuracy at the end (%)')
+    for ax in (ax_loss, ax_clean, ax_rob): ax.set_xlabel('epoch'); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+    fig.suptitle('The convergence gate, seed 0: training curves (one-cycle schedule) and robust accuracy at 160 and 320 epochs')
+    return fig
+
 def _rows(names):
     rows = [run_row(n) for n in names]
     return [r for r in rows if r is not None]
@@ -189,13 +218,13 @@ def collect()->dict:
     t = next(iter(teacher['models'].values()))['numbers']
     t_aa = next(iter(json.loads((GRID/'teacher_aa'/'metrics.json').read_text())['models'].values()))['numbers']['aa']
     gate_md, gate = gate_table()
-    blocks = dict(gate=(gate_md, gate, None), main=main_block(), alpha=alpha_block(), table6=table6_block())
+    blocks = dict(gate=(gate_md, gate, _saver(gate_figure(gate))), main=main_block(), alpha=alpha_block(), table6=table6_block())
     md = {k: b[0] for k, b in blocks.items()}
     md['teacher'] = f"Teacher (`grid/teacher`, `grid/teacher_aa`): clean {t['clean']:.2f}, PGD-20 {t['pgd20']:.2f}, AA {t_aa:.2f} (360 images).\n"
     data = dict(teacher=dict(**t, aa=t_aa), **{k: b[1] for k, b in blocks.items()})
     return dict(md=md, data=data, figures={k: b[2] for k, b in blocks.items() if b[2] is not None})
 
-FIGURES = dict(main='main_seeds.png', alpha='alpha_sweep.png', table6='table6.png')
+FIGURES = dict(gate='gate_curves.png', main='main_seeds.png', alpha='alpha_sweep.png', table6='table6.png')
 
 def summarize()->dict:
     "Write results.md, results.json and the plots from the finished runs; return the numbers written."
@@ -205,7 +234,7 @@ def summarize()->dict:
     img = lambda k: f"\n![{k}]({FIGURES[k]})\n" if k in figs else ''
     text = ("# The convergent digits grid: results\n\nWritten by `summarize.py` from the run folders under `grid/` (do not edit by "
             "hand). Setting and pre-registration: `README.md`.\n\n" + md['teacher'] + "\n"
-            f"## Convergence gate\n\n{md['gate']}\n## Main grid\n\n{md['main']}{img('main')}\n## α sweep (ARD + IGDM)\n\n"
+            f"## Convergence gate\n\n{md['gate']}{img('gate')}\n## Main grid\n\n{md['main']}{img('main')}\n## α sweep (ARD + IGDM)\n\n"
             f"{md['alpha']}{img('alpha')}\n## Table 6 at CPU scale\n\n{md['table6']}{img('table6')}\n")
     atomic_write(HERE/'results.md', lambda f: f.write(text.encode()))
     atomic_write(HERE/'results.json', lambda f: f.write(json.dumps(c['data'], indent=1, default=str).encode()))
