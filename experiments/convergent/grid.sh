@@ -4,6 +4,9 @@
 #   EPOCHS=320 bash ... trains the students for 320 epochs instead of 160 (the rule of `gate`, README.md).
 #   LANE=k LANES=n runs only every n-th student of the sequence (k = 0..n-1): n such processes, one thread each, run
 #   the grid in parallel without touching each other's folders (a scheduling option; the grid is the same).
+#   SEEDS="1 2" runs only those seeds' students (default 0-4). CLAIMS=DIR makes processes share the work dynamically:
+#   each student is claimed by creating DIR/<name> (mkdir, atomic) and skipped by every other process that finds it
+#   claimed; start every process with the same DIR, and empty DIR after an interruption (a claim is not a result).
 #   DRY=1 prints the commands without running them. Resumable: a finished run (its metrics.json) is skipped and a killed
 #   one continues from its last complete epoch (--resume); rerun the same line after an interruption.
 # One process, one thread (OMP_NUM_THREADS=1); logs in experiments/convergent/grid/*.log (not committed).
@@ -12,7 +15,7 @@ cd "$(dirname "$0")/../.."
 IGDMFAST=${IGDMFAST:-.venv/bin/igdmfast}
 OUT=experiments/convergent/grid
 export MPLBACKEND=Agg OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-SEEDS=(0 1 2 3 4)
+SEEDS=(${SEEDS:-0 1 2 3 4})
 # the setting: sklearn digits (1,437 train / 360 validation, 8x8x1), Linf 64/255, step 16/255, 10 steps, batch 128
 COMMON=(--data digits --eps 64 --steps 10 --bs 128 --resume)
 T=$OUT/teacher/teacher.pt
@@ -30,6 +33,7 @@ student() {  # NAME, then the train options of the variant: train (unless finish
   local name=$1; shift
   N_STUDENT=$((N_STUDENT + 1))
   [ $(((N_STUDENT - 1) % ${LANES:-1})) = "${LANE:-0}" ] || return 0
+  if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${name//\//_}" 2>/dev/null || return 0; fi
   [ -f $OUT/$name/metrics.json ] || run "$IGDMFAST" train "${COMMON[@]}" "${STUDENT[@]}" --epochs $EPOCHS "$@" --out $OUT/$name
   [ -f $OUT/${name}_aa/metrics.json ] || run "$IGDMFAST" eval $OUT/$name/student.pt --data digits --eps 64 --attacks aa --seed 0 --out $OUT/${name}_aa
 }

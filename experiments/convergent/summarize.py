@@ -18,7 +18,7 @@ ALPHAS = (0, 1, 2, 5, 10, 20, 50)      # the sweep of grid.sh (5: the main grid'
 METRICS = ('clean', 'fgsm', 'pgd20', 'cw', 'aa', 'seconds_per_epoch')
 # runs that resumed from a checkpoint in a later process, and the epoch they resumed at: their metrics.json counts the
 # seconds of that last process only (README.md, "Running the grid: a log")
-RESUMED = {'gate/adaad_e320': 202}
+RESUMED = {'gate/adaad_e320': 202, 'alpha/ard_igdm_a2_s1': 102, 'alpha/ard_igdm_a10_s1': 73}
 GATE_RULE = 5.0                         # points of PGD-20 or AA gained from 160 to 320 epochs that switch the grid to 320
 
 def _student(m:dict)->dict:
