@@ -204,6 +204,23 @@ def table6_block():
     ax.legend(fontsize=8); ax.set_title(f'Table 6 at CPU scale: mean ± 95% t interval, seeds {ss}', fontsize=9)
     return md + "\n", dict(seeds=ss, variants=out, differences=diffs, cost=cost and cost['rows']), _saver(fig)
 
+BN_CHECK = HERE/'bn_check.json'   # `bn_check.py`: an exploratory check outside the grid
+
+def bn_block():
+    "The exploratory BatchNorm check (`bn_check.py`): each student's numbers before and after recalibrating its statistics."
+    if not BN_CHECK.is_file(): return "Not run yet.\n", None, None
+    r = json.loads(BN_CHECK.read_text())
+    label = {'recorded': "the run's own", 'before': 'recomputed here', 'adv': "on x′ (what ARD forwards)",
+             'adv+minus': "on x′ and x − δ (what the IGDM path forwards)", 'clean': 'on clean x'}
+    md = ("Outside the pre-registered grid, exploratory, two seeds: the plan is in `bn_check.py`'s docstring. Accuracy "
+          "in % on all 360 validation images; BatchNorm statistics as trained or recalibrated (weights unchanged).\n\n"
+          "| run | statistics | clean | PGD-20 | AA |\n|---|---|---|---|---|\n")
+    for name, v in r.items():
+        for k in ('recorded', 'before', 'adv', 'adv+minus', 'clean'):
+            if k in v: md += (f"| {name} | {label[k]} | {v[k]['clean']:.2f} | {v[k]['pgd20']:.2f} | "
+                              + (f"{v[k]['aa']:.2f} |" if 'aa' in v[k] else "|") + "\n")
+    return md, r, None
+
 def _saver(fig):
     "A function that writes `fig` as a PNG at a path (None without a figure)."
     return None if fig is None else (lambda path: atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)))
@@ -218,7 +235,7 @@ def collect()->dict:
     t = next(iter(teacher['models'].values()))['numbers']
     t_aa = next(iter(json.loads((GRID/'teacher_aa'/'metrics.json').read_text())['models'].values()))['numbers']['aa']
     gate_md, gate = gate_table()
-    blocks = dict(gate=(gate_md, gate, _saver(gate_figure(gate))), main=main_block(), alpha=alpha_block(), table6=table6_block())
+    blocks = dict(gate=(gate_md, gate, _saver(gate_figure(gate))), main=main_block(), alpha=alpha_block(), table6=table6_block(), bn=bn_block())
     md = {k: b[0] for k, b in blocks.items()}
     md['teacher'] = f"Teacher (`grid/teacher`, `grid/teacher_aa`): clean {t['clean']:.2f}, PGD-20 {t['pgd20']:.2f}, AA {t_aa:.2f} (360 images).\n"
     data = dict(teacher=dict(**t, aa=t_aa), **{k: b[1] for k, b in blocks.items()})
@@ -235,7 +252,8 @@ def summarize()->dict:
     text = ("# The convergent digits grid: results\n\nWritten by `summarize.py` from the run folders under `grid/` (do not edit by "
             "hand). Setting and pre-registration: `README.md`.\n\n" + md['teacher'] + "\n"
             f"## Convergence gate\n\n{md['gate']}{img('gate')}\n## Main grid\n\n{md['main']}{img('main')}\n## α sweep (ARD + IGDM)\n\n"
-            f"{md['alpha']}{img('alpha')}\n## Table 6 at CPU scale\n\n{md['table6']}{img('table6')}\n")
+            f"{md['alpha']}{img('alpha')}\n## Table 6 at CPU scale\n\n{md['table6']}{img('table6')}\n"
+            f"## Exploratory: BatchNorm's running statistics\n\n{md['bn']}")
     atomic_write(HERE/'results.md', lambda f: f.write(text.encode()))
     atomic_write(HERE/'results.json', lambda f: f.write(json.dumps(c['data'], indent=1, default=str).encode()))
     return c['data']
