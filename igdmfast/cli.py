@@ -42,6 +42,7 @@ def _distill_options(teacher:str='auto', # a teacher checkpoint, a RobustBench n
                      teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
                      teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default $IGDMFAST_TEACHERS, else models/)
                      inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone, Table 6's teacher-free recipe)
+                     igdm_bn:str='update', # IGDM's student forward at x − δ: 'update' BatchNorm's running statistics (the official code) or 'keep' them
                      student:str='tiny_mobilenet_cifar', # any registered or timm model name
                      **kwargs): "The teacher and student options of `train` and `compare`."
 
@@ -90,7 +91,7 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, o.resume, o.seed, prec, sched)
         learn, student_s = distill_student(t_model, o.student, dls, method, igdm, alpha, threat, o.epochs, o.lr, out, o.resume, o.seed,
-                                           prec, sched, o.inner)
+                                           prec, sched, o.inner, o.igdm_bn)
         if not is_main(): return {}   # rank 0 evaluates and writes the report
         t_name = f'teacher ({o.teacher_arch if o.teacher == "auto" else Path(o.teacher).name})'
         s_name = f"student ({o.student}, {method}{'+IGDM' if igdm else ''})"
@@ -243,7 +244,7 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
                 print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
                 r = json.loads((run_dir/'result.json').read_text())
             else:
-                learn, _ = distill_student(t_model, o.student, run_dls(o, dev), m, ig, alpha, threat, o.epochs, o.lr, run_dir, resume, s, prec, sched, o.inner)
+                learn, _ = distill_student(t_model, o.student, run_dls(o, dev), m, ig, alpha, threat, o.epochs, o.lr, run_dir, resume, s, prec, sched, o.inner, o.igdm_bn)
                 spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else (run_config(run_dir/'config.json') or {}).get('seconds_per_epoch')
                 write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, seed=s, alpha_used=learn.alpha, seconds_per_epoch=spe))
                 print(f"Evaluating {m}{' + IGDM' if ig else ''}{f' (seed {s})' if multi else ''}...")

@@ -217,6 +217,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     threat:ThreatModel|None=None, # the training perturbation (default: Linf 8/255, step 2/255, 10 steps)
                     loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                     inner:str|None=None, # None: the method's own inner maximization; 'student_ce': PGD-CE on the student alone (no teacher in the attack; see `INNERS`)
+                    igdm_bn:str='update', # IGDM's student forward at x − δ: 'update' BatchNorm's running statistics (the official code) or 'keep' them (`AdvDistill`)
                     protocol:str='fastai', # 'fastai' (Adam, lr 3e-3, 10 epochs) or 'paper' (SGD 0.9, lr 0.1, coupled wd 5e-4, step decay, 200 epochs)
                     epochs:int|None=None, # default epoch count of `fit`/`fit_one_cycle` (default: the protocol's)
                     metrics:Callable|Sequence=accuracy, # validation metrics (clean); the loss components are added as columns
@@ -244,13 +245,13 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
         print(f"IGDM alpha = {alpha:g}, from the paper's table for {'/'.join(key)}"
               + ("" if exact else f" (no row for {getattr(dls, 'name', 'this data')}/{_arch(student)}: the default row)") + ".")
     if check_teacher: _warn_if_not_robust(teacher, dls, threat)
-    dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn)
+    dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn)
     attack_dtype = _attack_dtype(attack_dtype, dls, bf16)
     cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], student, bf16, compile)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     learn = _learner(student, dls, cbs, metrics + [DistillStat(k) for k in dist.stat_names], protocol, epochs, learner_kwargs)
-    store_attr('method,inner,igdm,alpha,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, inner=m.inner_name,
-               igdm=igdm, alpha=alpha, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile,
+    store_attr('method,inner,igdm,alpha,igdm_bn,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, inner=m.inner_name,
+               igdm=igdm, alpha=alpha, igdm_bn=igdm_bn, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile,
                attack_dtype=attack_dtype)
     learn.nhwc = channels_last   # not `channels_last`: fastai's load_learner reads that name as its own mixed-precision flag
     return learn

@@ -13,10 +13,10 @@ from .core import atomic_write
 # %% auto #0
 __all__ = ['RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'SAME_ON_RESUME', 'CLIError', 'n_processes', 'is_main', 'parse_device',
            'check_numbers', 'parse_threat', 'parse_schedule', 'parse_precision', 'parse_seeds', 'check_model_name',
-           'check_inner_arg', 'run_versions', 'cpu_threads', 'aa_note', 'write_json', 'run_config', 'RunFolder',
-           'robustbench_datasets', 'teacher_files', 'load_model_arg', 'load_teacher_arg', 'EpochLines', 'fit_epochs',
-           'learner_kwargs', 'build_model', 'train_teacher', 'distill_student', 'check_training', 'check_models',
-           'run_dls', 'run_settings', 'run_notes', 'variant_dir', 'measured']
+           'check_inner_arg', 'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note', 'write_json', 'run_config',
+           'RunFolder', 'robustbench_datasets', 'teacher_files', 'load_model_arg', 'load_teacher_arg', 'EpochLines',
+           'fit_epochs', 'learner_kwargs', 'build_model', 'train_teacher', 'distill_student', 'check_training',
+           'check_models', 'run_dls', 'run_settings', 'run_notes', 'variant_dir', 'measured']
 
 # %% ../nbs/14_runs.ipynb #fc429356
 class CLIError(Exception):
@@ -136,6 +136,14 @@ def check_inner_arg(inner:str|None # `--inner`: None (the method's own) or a key
     if inner is not None and inner not in INNERS:
         raise CLIError(f"--inner must be one of {', '.join(INNERS)} (or left out for the method's own), got {inner!r}.")
 
+def check_igdm_bn_arg(igdm_bn:str # `--igdm-bn`: a key of `callback.adversarial.IGDM_BN`
+                     ):
+    "Refuse an unknown `--igdm-bn` before anything is loaded."
+    from igdmfast.callback.adversarial import IGDM_BN
+    if igdm_bn not in IGDM_BN:
+        raise CLIError(f"--igdm-bn must be one of {', '.join(IGDM_BN)}, got {igdm_bn!r}: 'update' lets IGDM's student forward at "
+                       "x − δ update BatchNorm's running statistics (the official code), 'keep' leaves them as they were.")
+
 def run_versions()->dict:
     "The versions and the CPU thread count of this run (a seeded CPU run repeats bit for bit at the same thread count)."
     import igdmfast, fastai, timm
@@ -174,7 +182,7 @@ SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.p
 LOCK_FILE = '.igdmfast.lock'
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
-                  'seeds', 'bf16', 'attack_dtype', 'inner', 'model', 'attacks', 'n')
+                  'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n')
 
 def write_json(path, # the file to write (its folder is created)
                obj, # anything `json.dumps` accepts
@@ -491,6 +499,7 @@ def distill_student(t_model, # the teacher
                     out, # the run folder: checkpoint.pt, history.csv, student.pt
                     resume:bool, seed:int, # continue a killed run; the seed of the student and the data order
                     prec=None, sched=None, inner=None, # `parse_precision`'s and `parse_schedule`'s results, `--inner`
+                    igdm_bn:str='update', # `--igdm-bn`: whether IGDM's forward at x − δ updates BatchNorm's running statistics
                    )->tuple:
     "Distill `t_model` into a fresh seeded `student` in folder `out` (checkpoint.pt, history.csv, student.pt); returns (learner, seconds)."
     from igdmfast.core import seed_everything
@@ -499,7 +508,7 @@ def distill_student(t_model, # the teacher
     seed_everything(seed)   # the same initial student and data order for every variant of a comparison
     s_model = build_model(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
-    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner,
+    learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner, igdm_bn=igdm_bn,
                             cbs=_history_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()], **learner_kwargs(prec, lr, sched))
     _plain_progress(learn)
     start, secs = fit_epochs(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
@@ -519,7 +528,7 @@ def check_models(o:dict # the options of `train` or `compare` (its 'teacher_arch
                 )->list:
     "Check the teacher, inner maximization and student of `train`/`compare` (an 'auto' teacher is a small_cnn by default); the teacher's files."
     t_file = teacher_files(o['teacher'], o['data'], o['teacher_dir'])
-    check_inner_arg(o['inner'])
+    check_inner_arg(o['inner']); check_igdm_bn_arg(o['igdm_bn'])
     check_model_name(o['student'], '--student')
     if o['teacher'] == 'auto': o['teacher_arch'] = o['teacher_arch'] or 'small_cnn'
     if o['teacher_arch']: check_model_name(o['teacher_arch'], '--teacher-arch')

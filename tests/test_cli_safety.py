@@ -275,3 +275,14 @@ def test_a_full_disk_reported_by_torch_names_the_file_and_the_resume(tmp_path, m
     with pytest.raises(OSError) as e: core.atomic_save({'w': torch.zeros(3)}, tmp_path/'checkpoint.pt')
     assert e.value.errno == errno.ENOSPC and 'checkpoint.pt' in str(e.value) and '--resume' in str(e.value)
     assert 'inline_container' not in str(e.value) and list(tmp_path.iterdir()) == []   # no temporary file left
+
+
+def test_igdm_bn_option(tmp_path, monkeypatch, capsys):
+    "`--igdm-bn keep` reaches the learner and the run's config; an unknown value is refused before anything is claimed."
+    out, t = tmp_path/'run', teacher(tmp_path/'t.pt')
+    assert run_main(['train', *F, '--teacher', str(t), '--igdm-bn', 'frozen', '--out', str(out)], monkeypatch, tmp_path) == 2
+    assert "--igdm-bn must be one of update, keep, got 'frozen'" in capsys.readouterr().err and not out.exists()
+    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--igdm-bn', 'keep', '--out', str(out)], monkeypatch, tmp_path) == 0
+    assert json.loads((out/'config.json').read_text())['igdm_bn'] == 'keep'
+    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--resume', '--out', str(out)], monkeypatch, tmp_path) == 2
+    assert "igdm_bn: 'keep' there, 'update' now" in capsys.readouterr().err   # a resume with the other choice is refused

@@ -224,12 +224,13 @@ IDS = [cfg_id(c) for c in CONFIGS]
 def state_of(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 @functools.lru_cache(maxsize=None)
-def run(i, fold_bn=True):
+def run(i, fold_bn=True, igdm_bn='update'):
     "Fit config `i` for 2 epochs of one batch each, recording both steps (cached: several tests read one run)."
     name, igdm, kw, inner = CONFIGS[i]
     student, teacher = make_student(), make_teacher()
     teacher_before, teacher_params = state_of(teacher), list(teacher.parameters())
-    learn = build(name, igdm, kw, make_dls(), student, teacher, inner=inner, fold_bn=fold_bn)
+    opts = dict(fold_bn=fold_bn, **({} if igdm_bn == 'update' else dict(igdm_bn=igdm_bn)))   # adv_learner has no igdm_bn
+    learn = build(name, igdm, kw, make_dls(), student, teacher, inner=inner, **opts)
     counters = dict(student=Counter(student), teacher=Counter(teacher))
     probe = Probe(counters)
     with learn.no_bar(), learn.no_logging(): learn.fit(N_EPOCH, cbs=[probe, F32Loss()])
@@ -242,9 +243,9 @@ def rel_err(a, b): return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 # ------------------------------------------------------------------------------------------- 1. the step's math
 
-def _check_step(i, teacher_grad=True, fold_bn=True):
+def _check_step(i, teacher_grad=True, fold_bn=True, igdm_bn='update'):
     name, igdm, kw, inner = CONFIGS[i]
-    r = run(i, fold_bn)
+    r = run(i, fold_bn, igdm_bn)
     assert len(r['steps']) == N_EPOCH
     T = copy.deepcopy(r['teacher']).eval()
     for st in r['steps']:
@@ -518,3 +519,53 @@ def test_attack_dtype_check_is_skipped_in_float64():
     learn = build(name, igdm, kw, make_dls(), make_student(), make_teacher(), inner=inner, attack_dtype='bf16')
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[F32Loss()])
     assert next(cb for cb in learn.cbs if isinstance(cb, AdvExamples)).precision_check is None
+
+
+# ------------------------------------------- 6. IGDM's forward at x − δ and BatchNorm's running statistics
+
+BN_IDS = ['ard-igdm', 'rslad-igdm', 'adaad-igdm-adv_weight0.5', 'trades-igdm']   # with S(x) (RSLAD, AdaAD 0.5, TRADES) and without (ARD)
+
+def bn_buffers(state): return {k: v for k, v in state.items() if k.split('.')[-1] in ('running_mean', 'running_var', 'num_batches_tracked')}
+
+def ref_buffers_after_step(name, kw, st, igdm_bn):
+    """The student's BatchNorm buffers after one step, written out: its train-mode forwards in the library's order, at x′,
+    at x when the loss reads S(x), and at x − δ (unclamped) unless `igdm_bn='keep'`; nothing else moves them (the
+    attack runs in eval mode, the optimizer does not touch buffers)."""
+    S = make_student(); S.load_state_dict(st['state']); S.train()
+    student_rows, _ = expected_rows(name, kw, st['epoch'], True)
+    reads_s_nat = len(student_rows) - (name == 'trades') - K - 2 == 1   # TRADES' eval-mode target, K attack steps, S(x′), S(x−δ)
+    x, xa = st['x'], st['x_adv']
+    with torch.no_grad():
+        S(xa)
+        if reads_s_nat: S(x)
+        if igdm_bn == 'update': S(x - (xa - x))
+    return bn_buffers(state_of(S))
+
+@pytest.mark.parametrize('cid', BN_IDS)
+def test_igdm_bn_keep_equals_spec(cid):
+    "`igdm_bn='keep'`: each step's x′, loss and every gradient are still the spec's (the forward uses batch statistics)."
+    _check_step(IDS.index(cid), igdm_bn='keep')
+
+@pytest.mark.parametrize('cid', BN_IDS)
+def test_igdm_bn_running_statistics(cid):
+    """After the first step the student's running statistics are those of its train-mode forwards: with 'update' (the
+    official code) the forward at x − δ counts, with 'keep' it does not; the two differ, so the test can tell them apart."""
+    i = IDS.index(cid)
+    name, _, kw, _ = CONFIGS[i]
+    for igdm_bn in ('update', 'keep'):
+        first, second = run(i, True, igdm_bn)['steps']
+        got = bn_buffers(second['state'])
+        want = ref_buffers_after_step(name, kw, first, igdm_bn)
+        other = ref_buffers_after_step(name, kw, first, 'keep' if igdm_bn == 'update' else 'update')
+        assert got.keys() == want.keys()
+        for k in got: assert torch.allclose(got[k].double(), want[k].double(), rtol=1e-12, atol=1e-14), (cid, igdm_bn, k)
+        assert any(not torch.allclose(got[k].double(), other[k].double(), rtol=1e-6, atol=1e-9) for k in got if 'running' in k)
+    assert [st['rows'] for st in run(i, True, 'update')['steps']] == [st['rows'] for st in run(i, True, 'keep')['steps']]   # same forwards
+
+def test_igdm_bn_refused_when_unknown():
+    from igdmfast.callback.adversarial import AdvDistill
+    with pytest.raises(ValueError, match=r"igdm_bn must be one of 'update', 'keep', got 'frozen': 'update' lets IGDM's forward"):
+        AdvDistill('ard', make_teacher(), igdm=True, alpha=1., igdm_bn='frozen')
+    learn = build('ard', True, {}, make_dls(), make_student(), make_teacher(), igdm_bn='keep')
+    assert learn.igdm_bn == 'keep' and learn.adv_distill.igdm_bn == 'keep'
+    assert build('ard', True, {}, make_dls(), make_student(), make_teacher()).igdm_bn == 'update'

@@ -5,6 +5,7 @@
 # %% ../../nbs/06_callback.adversarial.ipynb #c6c9d831
 from __future__ import annotations
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor, fx
@@ -17,7 +18,8 @@ from ..methods import DistillBatch, get_method, Method
 from ..precision import as_attack_dtype, attack_models, check_method_precision
 
 # %% auto #0
-__all__ = ['prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat', 'AdvDistill']
+__all__ = ['IGDM_BN', 'prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat', 'keep_bn_stats',
+           'AdvDistill']
 
 # %% ../../nbs/06_callback.adversarial.ipynb #dee4900b
 def prepare_teacher(teacher:nn.Module, # the teacher network
@@ -188,6 +190,24 @@ class DistillStat(ValueMetric):
     def accumulate(self, learn): self.cb = getattr(learn, 'adv_distill', None)
     def _epoch_mean(self): return None if self.cb is None else self.cb.epoch_mean(self.metric_name)
 
+IGDM_BN = ('update', 'keep')   # the choices of `AdvDistill(igdm_bn=)`
+
+@contextmanager
+def keep_bn_stats(model:nn.Module, # the model whose forwards should leave its BatchNorm running statistics alone
+                 ):
+    "A context in which `model`'s train-mode forwards use batch statistics but leave BatchNorm's running ones as they were."
+    # the forwards update copies, then the original tensors go back: restoring them in place instead would bump their
+    # version counters, which autograd checks for the earlier forwards of the step that saved them
+    names = ('running_mean', 'running_var', 'num_batches_tracked')
+    saved = [(m, {n: getattr(m, n) for n in names if getattr(m, n) is not None})
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, bufs in saved:
+        for n, b in bufs.items(): setattr(m, n, b.clone())
+    try: yield model
+    finally:
+        for m, bufs in saved:
+            for n, b in bufs.items(): setattr(m, n, b)
+
 class AdvDistill(Callback):
     "Stages 2 to 5 of a step: the teacher's outputs, the student's, the method's outer loss and the IGDM term inside it."
     order, run_valid = AdvExamples.order + 1, False
@@ -199,8 +219,13 @@ class AdvDistill(Callback):
                  alpha:float=0., # IGDM's α: the term's weight in the last epoch
                  loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                  fold_bn:bool=True, # run the teacher's conv→BatchNorm pairs as one convolution (`bn_folded`)
+                 igdm_bn:str='update', # IGDM's student forward at x − δ: 'update' BatchNorm's running statistics (the official code) or 'keep' them
                 ):
         self.method, self.teacher, self.igdm, self.fold_bn = get_method(method), teacher, igdm, fold_bn
+        if igdm_bn not in IGDM_BN:
+            raise ValueError(f"igdm_bn must be one of {', '.join(map(repr, IGDM_BN))}, got {igdm_bn!r}: 'update' lets IGDM's "
+                             "forward at x − δ update BatchNorm's running statistics (the official code), 'keep' leaves them as they were.")
+        self.igdm_bn = igdm_bn
         self.kw = self.method.loss_kwargs(**(loss_kwargs or {}))
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0 or alpha != alpha:
             raise ValueError(f"IGDM's alpha must be a non-negative number, got {alpha!r}.")
@@ -259,7 +284,8 @@ class AdvDistill(Callback):
         if not self.training: return self.old_lf(pred, *yb)
         st = self.adv.step
         s_nat = self.model(st.x) if 's_nat' in st.needs else None                        # 3. S(x), S(x−δ): train mode
-        s_minus = self.model(st.x_minus) if self.igdm else None
+        with keep_bn_stats(self.model) if self.igdm_bn == 'keep' else nullcontext():
+            s_minus = self.model(st.x_minus) if self.igdm else None
         b = DistillBatch(s_adv=pred, y=yb[0], epoch=self.epoch, s_nat=s_nat, t_nat=st.t_nat, t_adv=st.t_adv)
         base = self.method.outer(b, **self.kw)                                            # 4. the outer loss
         self._log('base_loss', base)
