@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The PRE-REGISTERED grid of the convergent digits setting (README.md): written before any IGDM-vs-base result was seen.
-# Usage (from anywhere): bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all]   (default: all)
+# Usage (from anywhere): bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all|bn]   (default: all; bn is exploratory)
 #   EPOCHS=320 bash ... trains the students for 320 epochs instead of 160 (the rule of `gate`, README.md).
 #   LANE=k LANES=n runs only every n-th student of the sequence (k = 0..n-1): n such processes, one thread each, run
 #   the grid in parallel without touching each other's folders (a scheduling option; the grid is the same).
@@ -66,6 +66,12 @@ table6() {  # AdaAD with the teacher-free inner maximization (--inner student_ce
     student table6/adaad_tf_igdm_s$s --method adaad --inner student_ce --igdm --alpha ${ALPHA[adaad]} --seed $s
   done
 }
+bn() {  # EXPLORATORY, outside the pre-registered grid: added on 2026-12-03 after the alpha = 0 runs and bn_check.py (README.md).
+        # ARD+IGDM with --igdm-bn keep (IGDM's student forward at x − δ leaves BatchNorm's running statistics alone), at the
+        # main grid's alpha 5 and at alpha 0, seeds 0 and 1. Needs a library with --igdm-bn (bef67cc or later), not 32ea369.
+  for s in 0 1; do student bn/ard_igdm_a5_keep_s$s --method ard --igdm --alpha 5 --igdm-bn keep --seed $s; done
+  for s in 0 1; do student bn/ard_igdm_a0_keep_s$s --method ard --igdm --alpha 0 --igdm-bn keep --seed $s; done
+}
 what=${1:-all}
 case $what in
   teacher) teacher ;;
@@ -74,5 +80,6 @@ case $what in
   alpha) teacher; alpha ;;
   table6) teacher; table6 ;;
   all) teacher; gate; main; alpha; table6 ;;
-  *) echo "usage: bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all]"; exit 2 ;;
+  bn) teacher; bn ;;   # exploratory, not part of 'all'
+  *) echo "usage: bash experiments/convergent/grid.sh [teacher|gate|main|alpha|table6|all|bn]"; exit 2 ;;
 esac
