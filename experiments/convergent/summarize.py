@@ -219,7 +219,28 @@ def bn_block():
         for k in ('recorded', 'before', 'adv', 'adv+minus', 'clean'):
             if k in v: md += (f"| {name} | {label[k]} | {v[k]['clean']:.2f} | {v[k]['pgd20']:.2f} | "
                               + (f"{v[k]['aa']:.2f} |" if 'aa' in v[k] else "|") + "\n")
-    return md, r, None
+    keep_md, keep = bn_keep_table()
+    return md + keep_md, dict(recalibration=r, keep=keep), None
+
+BN_VARIANTS = {'ARD': 'main/ard_s{}', 'ARD+IGDM α=5': 'main/ard_igdm_s{}', 'ARD+IGDM α=5, --igdm-bn keep': 'bn/ard_igdm_a5_keep_s{}',
+               'ARD+IGDM α=0': 'alpha/ard_igdm_a0_s{}', 'ARD+IGDM α=0, --igdm-bn keep': 'bn/ard_igdm_a0_keep_s{}'}
+
+def bn_keep_table(seeds=(0, 1))->tuple[str, dict]:
+    "The exploratory runs of `grid.sh bn` beside the official-path runs and the base of the same seeds: AA, PGD-20, clean."
+    from igdmfast.stats import paired_diff
+    rows = {v: {s: run_row(p.format(s)) for s in seeds} for v, p in BN_VARIANTS.items()}
+    if not any(rows[v][s] for v in BN_VARIANTS if 'keep' in v for s in seeds): return "\nThe `grid.sh bn` runs have not finished yet.\n", None
+    md = ("\nTrained with `--igdm-bn keep` (`grid.sh bn`, exploratory, library at `bef67cc`), beside the same seeds' base and "
+          "official-path runs. AA (PGD-20, clean); the last column is AA − ARD, paired by seed:\n\n"
+          "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | AA − ARD (mean over seeds) |\n|---|" + "---|" * len(seeds) + "---|\n")
+    out = {}
+    for v in BN_VARIANTS:
+        cells = [f"{r['aa']:.2f} ({r['pgd20']:.2f}, {r['clean']:.2f})" if (r := rows[v][s]) else "not finished" for s in seeds]
+        ss = [s for s in seeds if rows[v][s] and rows['ARD'][s]]
+        d = paired_diff([rows[v][s]['aa'] for s in ss], [rows['ARD'][s]['aa'] for s in ss]) if ss and v != 'ARD' else None
+        out[v] = dict(seeds={s: rows[v][s] and {k: rows[v][s][k] for k in ('clean', 'pgd20', 'aa')} for s in seeds}, aa_minus_ard=d)
+        md += f"| {v} | " + " | ".join(cells) + f" | {'' if d is None else format(d['mean'], '+.2f') + f' ({len(ss)} seeds)'} |\n"
+    return md, out
 
 def _saver(fig):
     "A function that writes `fig` as a PNG at a path (None without a figure)."
