@@ -239,7 +239,7 @@ def bn_keep_table(seeds=(0, 1))->tuple[str, dict]:
         ss = [s for s in seeds if rows[v][s] and rows['ARD'][s]]
         d = paired_diff([rows[v][s]['aa'] for s in ss], [rows['ARD'][s]['aa'] for s in ss]) if ss and v != 'ARD' else None
         out[v] = dict(seeds={s: rows[v][s] and {k: rows[v][s][k] for k in ('clean', 'pgd20', 'aa')} for s in seeds}, aa_minus_ard=d)
-        md += f"| {v} | " + " | ".join(cells) + f" | {'' if d is None else format(d['mean'], '+.2f') + f' ({len(ss)} seeds)'} |\n"
+        md += f"| {v} | " + " | ".join(cells) + f" | {'' if d is None else format(d['mean'], '+.2f') + f' ({len(ss)} seed' + 's' * (len(ss) > 1) + ')'} |\n"
     return md, out
 
 def _saver(fig):
