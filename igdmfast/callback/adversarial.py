@@ -284,8 +284,9 @@ class AdvDistill(Callback):
         if not self.training: return self.old_lf(pred, *yb)
         st = self.adv.step
         s_nat = self.model(st.x) if 's_nat' in st.needs else None                        # 3. S(x), S(x−δ): train mode
-        with keep_bn_stats(self.model) if self.igdm_bn == 'keep' else nullcontext():
-            s_minus = self.model(st.x_minus) if self.igdm else None
+        s_minus = None
+        if self.igdm:
+            with keep_bn_stats(self.model) if self.igdm_bn == 'keep' else nullcontext(): s_minus = self.model(st.x_minus)
         b = DistillBatch(s_adv=pred, y=yb[0], epoch=self.epoch, s_nat=s_nat, t_nat=st.t_nat, t_adv=st.t_adv)
         base = self.method.outer(b, **self.kw)                                            # 4. the outer loss
         self._log('base_loss', base)
