@@ -186,6 +186,12 @@ def table6_block():
         d = paired_diff([runs[ig][s]['aa'] for s in ss], [runs[base][s]['aa'] for s in ss]); diffs[ig] = d
         ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
         md += f"\n- {ig} − {base}, AA paired by seed: {d['mean']:+.2f}{ci} points (signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})"
+    inner = {}   # descriptive, not a pre-registered contrast: the teacher-free inner against AdaAD's own, same seeds
+    for own, tf in (('AdaAD', 'AdaAD, teacher-free inner'), ('AdaAD + IGDM', 'AdaAD, teacher-free inner + IGDM')):
+        d = paired_diff([runs[tf][s]['aa'] for s in ss], [runs[own][s]['aa'] for s in ss]); inner[tf] = d
+        ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
+        md += (f"\n- {tf} − {own}, AA paired by seed (descriptive, not a pre-registered contrast): {d['mean']:+.2f}{ci} "
+               f"points (signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})")
     cost = _cost()
     if cost:
         md += (f"\n\nCost measured on one machine in one run (`bench/bench_table6.py`, {cost['epochs']} epochs per fit, median of "
@@ -202,7 +208,8 @@ def table6_block():
     ax.set_xlabel('seconds per epoch (one thread; ' + ('bench_table6.py, one machine)' if cost else "the grid's runs)"))
     ax.set_ylabel('AutoAttack accuracy (%)'); ax.grid(alpha=0.3)
     ax.legend(fontsize=8); ax.set_title(f'Table 6 at CPU scale: mean ± 95% t interval, seeds {ss}', fontsize=9)
-    return md + "\n", dict(seeds=ss, variants=out, differences=diffs, cost=cost and cost['rows']), _saver(fig)
+    return md + "\n", dict(seeds=ss, variants=out, differences=diffs, inner_differences=inner,
+                     cost=cost and cost['rows']), _saver(fig)
 
 BN_CHECK = HERE/'bn_check.json'   # `bn_check.py`: an exploratory check outside the grid
 
