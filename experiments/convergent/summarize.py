@@ -181,17 +181,17 @@ def table6_block():
     md = f"Seeds {ss}. Mean ± 95% t interval over seeds.\n\n| variant | clean | PGD-20 | AA | s/epoch |\n|---|---|---|---|---|\n"
     for v in variants:
         md += f"| {v} | {hw(out[v]['clean'])} | {hw(out[v]['pgd20'])} | {hw(out[v]['aa'])} | {hw(out[v]['seconds_per_epoch'], 1)} |\n"
-    diffs = {}
+    def paired(a, b, note=''):
+        "AA of variant `a` minus variant `b`, paired by seed, and its line for the Markdown."
+        d = paired_diff([runs[a][s]['aa'] for s in ss], [runs[b][s]['aa'] for s in ss])
+        ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
+        return d, (f"\n- {a} − {b}, AA paired by seed{note}: {d['mean']:+.2f}{ci} points "
+                   f"(signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})")
+    diffs, inner = {}, {}   # IGDM − base per inner; the teacher-free inner − AdaAD's own (descriptive, same seeds)
     for base, ig in (('AdaAD', 'AdaAD + IGDM'), ('AdaAD, teacher-free inner', 'AdaAD, teacher-free inner + IGDM')):
-        d = paired_diff([runs[ig][s]['aa'] for s in ss], [runs[base][s]['aa'] for s in ss]); diffs[ig] = d
-        ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
-        md += f"\n- {ig} − {base}, AA paired by seed: {d['mean']:+.2f}{ci} points (signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})"
-    inner = {}   # descriptive, not a pre-registered contrast: the teacher-free inner against AdaAD's own, same seeds
+        diffs[ig], line = paired(ig, base); md += line
     for own, tf in (('AdaAD', 'AdaAD, teacher-free inner'), ('AdaAD + IGDM', 'AdaAD, teacher-free inner + IGDM')):
-        d = paired_diff([runs[tf][s]['aa'] for s in ss], [runs[own][s]['aa'] for s in ss]); inner[tf] = d
-        ci = '' if d['low'] is None else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
-        md += (f"\n- {tf} − {own}, AA paired by seed (descriptive, not a pre-registered contrast): {d['mean']:+.2f}{ci} "
-               f"points (signs +/−/0: {d['positive']}/{d['negative']}/{d['zero']})")
+        inner[tf], line = paired(tf, own, ' (descriptive, not a pre-registered contrast)'); md += line
     cost = _cost()
     if cost:
         md += (f"\n\nCost measured on one machine in one run (`bench/bench_table6.py`, {cost['epochs']} epochs per fit, median of "
