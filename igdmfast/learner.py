@@ -217,7 +217,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     threat:ThreatModel|None=None, # the training perturbation (default: Linf 8/255, step 2/255, 10 steps)
                     loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                     inner:str|None=None, # None: the method's own inner maximization; 'student_ce': PGD-CE on the student alone (no teacher in the attack; see `INNERS`)
-                    igdm_bn:str='update', # IGDM's student forward at x − δ: 'update' BatchNorm's running statistics (the official code) or 'keep' them (`AdvDistill`)
+                    igdm_bn:str='update', # BatchNorm in IGDM's student forwards: 'update' (the official code), 'keep', 'eval' or 'recalibrate' (`IGDM_BN`)
                     protocol:str='fastai', # 'fastai' (Adam, lr 3e-3, 10 epochs) or 'paper' (SGD 0.9, lr 0.1, coupled wd 5e-4, step decay, 200 epochs)
                     epochs:int|None=None, # default epoch count of `fit`/`fit_one_cycle` (default: the protocol's)
                     metrics:Callable|Sequence=accuracy, # validation metrics (clean); the loss components are added as columns

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from fastai.callback.core import Callback
 import fastai.callback.progress  # noqa: F401  (no_bar)
 from igdmfast.core import ThreatModel, seed_everything
@@ -120,8 +121,12 @@ def ref_attack(name, S, T, x, y, teacher_grad=True, inner=None):
     S.train()
     return xa.detach()
 
-def ref_loss(name, kw, S, T, x, y, xa, epoch, igdm):
-    "The outer loss with the student in train mode (one BN batch per forward call); returns (total, base, igdm term)."
+def ref_loss(name, kw, S, T, x, y, xa, epoch, igdm, igdm_bn='update'):
+    """The outer loss with the student in train mode (one BN batch per forward call); returns (total, base, igdm term).
+    `igdm_bn='eval'`: IGDM's S(x+δ) and S(x−δ) with BatchNorm's running statistics (the student in eval mode: `Net` has
+    no other layer that depends on the mode), whose running statistics are the library's at that point: moved by this
+    step's train-mode S(x′), and S(x) when the loss reads it; every other choice computes the same loss."""
+    start = state_of(S)
     kw = {**DEFAULTS[name], **kw}
     S.train()
     Tn = lambda z: T(z).detach()
@@ -159,7 +164,14 @@ def ref_loss(name, kw, S, T, x, y, xa, epoch, igdm):
     if not igdm: return base, base, None
     delta = xa - x
     x_minus = x - delta                                # NOT clamped to [0,1]
-    d_s = s_adv - S(x_minus)                           # S(x+δ) = S(x′): the same forward
+    if igdm_bn == 'eval':
+        E = make_student(); E.load_state_dict(start); E.train()
+        with torch.no_grad():
+            E(xa)
+            if reads_s_nat(name, kw, epoch): E(x)
+        params = {**dict(S.named_parameters()), **bn_buffers(state_of(E))}
+        S.eval(); d_s = functional_call(S, params, (xa,)) - functional_call(S, params, (x_minus,)); S.train()
+    else: d_s = s_adv - S(x_minus)                     # S(x+δ) = S(x′): the same forward
     d_t = Tn(x + delta) - Tn(x_minus)
     term = kl_rows(d_t, d_s).mean()
     return base + ALPHA * (epoch + 1) / N_EPOCH * term, base, term
@@ -183,6 +195,7 @@ class Probe(Callback):
         self.cur = dict(seed=seed, epoch=self.epoch, x=self.xb[0].detach().clone(), y=self.yb[0].clone(),
                         state={k: v.detach().clone() for k, v in self.model.state_dict().items()})
         torch.manual_seed(seed)
+    def after_fit(self): self.final = state_of(self.model)   # before AdvDistill's after_fit (a lower order)
     def after_backward(self):
         self.cur.update(loss=self.learn.loss_grad.detach().clone(), x_adv=self.xb[0].detach().clone(),
                         grads={n: p.grad.detach().clone() for n, p in self.model.named_parameters()},
@@ -236,7 +249,7 @@ def run(i, fold_bn=True, igdm_bn='update'):
     with learn.no_bar(), learn.no_logging(): learn.fit(N_EPOCH, cbs=[probe, F32Loss()])
     for c in counters.values(): c.h.remove()
     return dict(learn=learn, steps=probe.steps, teacher=teacher, teacher_before=teacher_before,
-                teacher_params=teacher_params)
+                teacher_params=teacher_params, final=probe.final)
 
 def rel_err(a, b): return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
@@ -258,7 +271,7 @@ def _check_step(i, teacher_grad=True, fold_bn=True, igdm_bn='update'):
         assert torch.allclose(st['x_adv'], xa, rtol=0, atol=1e-12), \
             f"{cfg_id(CONFIGS[i])} epoch {st['epoch']}: x′ differs at {int(((st['x_adv'] - xa).abs() > 1e-12).sum())} entries"
         S.zero_grad()
-        loss, base, term = ref_loss(name, kw, S, T, x, y, xa, st['epoch'], igdm)
+        loss, base, term = ref_loss(name, kw, S, T, x, y, xa, st['epoch'], igdm, igdm_bn)
         loss.backward()
         # the library evaluates its KLs in float32 even for float64 models (see test_kl_keeps_float64): about 1e-7
         # absolute per KL value, times the weight it carries
@@ -525,20 +538,24 @@ def test_attack_dtype_check_is_skipped_in_float64():
 
 BN_IDS = ['ard-igdm', 'rslad-igdm', 'adaad-igdm-adv_weight0.5', 'trades-igdm']   # with S(x) (RSLAD, AdaAD 0.5, TRADES) and without (ARD)
 
+def reads_s_nat(name, kw, epoch):
+    "Whether the step's outer loss reads S(x): the student calls beyond TRADES' eval-mode target, K attack steps, S(x′), S(x−δ)."
+    student_rows, _ = expected_rows(name, kw, epoch, True)
+    return len(student_rows) - (name == 'trades') - K - 2 == 1
+
 def bn_buffers(state): return {k: v for k, v in state.items() if k.split('.')[-1] in ('running_mean', 'running_var', 'num_batches_tracked')}
 
 def ref_buffers_after_step(name, kw, st, igdm_bn):
     """The student's BatchNorm buffers after one step, written out: its train-mode forwards in the library's order, at x′,
-    at x when the loss reads S(x), and at x − δ (unclamped) unless `igdm_bn='keep'`; nothing else moves them (the
-    attack runs in eval mode, the optimizer does not touch buffers)."""
+    at x when the loss reads S(x), and at x − δ (unclamped) with 'update' and 'recalibrate' (whose training is 'update''s);
+    'keep' and 'eval' leave them (eval's two forwards use them); nothing else moves them (the attack runs in eval mode,
+    the optimizer does not touch buffers)."""
     S = make_student(); S.load_state_dict(st['state']); S.train()
-    student_rows, _ = expected_rows(name, kw, st['epoch'], True)
-    reads_s_nat = len(student_rows) - (name == 'trades') - K - 2 == 1   # TRADES' eval-mode target, K attack steps, S(x′), S(x−δ)
     x, xa = st['x'], st['x_adv']
     with torch.no_grad():
         S(xa)
-        if reads_s_nat: S(x)
-        if igdm_bn == 'update': S(x - (xa - x))
+        if reads_s_nat(name, kw, st['epoch']): S(x)
+        if igdm_bn in ('update', 'recalibrate'): S(x - (xa - x))
     return bn_buffers(state_of(S))
 
 @pytest.mark.parametrize('cid', BN_IDS)
@@ -552,11 +569,11 @@ def test_igdm_bn_running_statistics(cid):
     official code) the forward at x − δ counts, with 'keep' it does not; the two differ, so the test can tell them apart."""
     i = IDS.index(cid)
     name, _, kw, _ = CONFIGS[i]
-    for igdm_bn in ('update', 'keep'):
+    for igdm_bn in ('update', 'keep', 'eval', 'recalibrate'):
         first, second = run(i, True, igdm_bn)['steps']
         got = bn_buffers(second['state'])
         want = ref_buffers_after_step(name, kw, first, igdm_bn)
-        other = ref_buffers_after_step(name, kw, first, 'keep' if igdm_bn == 'update' else 'update')
+        other = ref_buffers_after_step(name, kw, first, 'keep' if igdm_bn in ('update', 'recalibrate') else 'update')
         assert got.keys() == want.keys()
         for k in got: assert torch.allclose(got[k].double(), want[k].double(), rtol=1e-12, atol=1e-14), (cid, igdm_bn, k)
         assert any(not torch.allclose(got[k].double(), other[k].double(), rtol=1e-6, atol=1e-9) for k in got if 'running' in k)
@@ -564,8 +581,61 @@ def test_igdm_bn_running_statistics(cid):
 
 def test_igdm_bn_refused_when_unknown():
     from igdmfast.callback.adversarial import AdvDistill
-    with pytest.raises(ValueError, match=r"igdm_bn must be one of 'update', 'keep', got 'frozen': 'update' lets IGDM's forward"):
+    with pytest.raises(ValueError, match=r"igdm_bn must be one of 'update', 'keep', 'eval', 'recalibrate', got 'frozen': 'update': the official code"):
         AdvDistill('ard', make_teacher(), igdm=True, alpha=1., igdm_bn='frozen')
     learn = build('ard', True, {}, make_dls(), make_student(), make_teacher(), igdm_bn='keep')
     assert learn.igdm_bn == 'keep' and learn.adv_distill.igdm_bn == 'keep'
     assert build('ard', True, {}, make_dls(), make_student(), make_teacher()).igdm_bn == 'update'
+
+
+@pytest.mark.parametrize('cid', BN_IDS)
+def test_igdm_bn_eval_equals_spec(cid):
+    "`igdm_bn='eval'`: x′ as before; the loss and every gradient are the spec's with IGDM's two student outputs in eval mode."
+    _check_step(IDS.index(cid), igdm_bn='eval')
+
+def test_igdm_bn_eval_forwards():
+    "'eval' costs one more student call than 'update': S(x+δ) and S(x−δ) together (2B rows) instead of S(x−δ)."
+    i = IDS.index('ard-igdm')
+    for up, ev in zip(run(i, True, 'update')['steps'], run(i, True, 'eval')['steps']):
+        s = up['rows']['student']
+        assert ev['rows']['student'] == s[:-1] + [2 * B], (s, ev['rows']['student'])
+        assert ev['rows']['teacher'] == up['rows']['teacher']
+
+def ref_bn_stats(state, x):
+    "`Net`'s BatchNorm statistics over one batch written out layer by layer: batch mean and unbiased variance of each input."
+    S = make_student(); S.load_state_dict(state)
+    out = {}
+    with torch.no_grad():
+        h = F.conv2d(x, S.c1.weight, padding=1)
+        for bn, conv in (('b1', S.c2), ('b2', None)):
+            m, v = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True)
+            out[f'{bn}.running_mean'], out[f'{bn}.running_var'] = m, v
+            w, b = getattr(S, bn).weight, getattr(S, bn).bias
+            a = F.relu((h - m[:, None, None]) / torch.sqrt(h.var((0, 2, 3), unbiased=False) + 1e-5)[:, None, None] * w[:, None, None] + b[:, None, None])
+            if conv is not None: h = F.conv2d(a, conv.weight, padding=1)
+    return out
+
+@pytest.mark.parametrize('cid', ['ard-igdm', 'rslad-igdm'])
+def test_igdm_bn_recalibrate(cid):
+    """'recalibrate': every step is the spec's (x′, loss, gradients; its running statistics are 'update''s, checked in
+    test_igdm_bn_running_statistics); after the fit the running statistics are those of the method's x′ against the final
+    student (seed 0, the training images in order), recomputed by hand, and the weights are unchanged."""
+    i = IDS.index(cid)
+    name = CONFIGS[i][0]
+    _check_step(i, igdm_bn='recalibrate')
+    rc = run(i, True, 'recalibrate')
+    learn = rc['learn']
+    x, y = learn.dls.train.new(shuffle=False, drop_last=False).one_batch()
+    S = make_student(); S.load_state_dict(rc['final'])
+    torch.manual_seed(0)
+    xa = ref_attack(name, S, copy.deepcopy(rc['teacher']).eval(), x, y)
+    want = ref_bn_stats(rc['final'], xa)
+    got = learn.model.state_dict()
+    for k, v in want.items(): assert torch.allclose(got[k], v, rtol=1e-10, atol=1e-12), k
+    assert all(torch.equal(got[k], v) for k, v in rc['final'].items() if k.split('.')[-1] in ('weight', 'bias'))
+    assert not torch.allclose(got['b1.running_mean'], rc['final']['b1.running_mean'])   # the pass moved them
+
+def test_recalibrate_bn_refuses():
+    from igdmfast.callback.adversarial import recalibrate_bn
+    learn = build('ard', True, {}, make_dls(), make_student(), make_teacher())
+    with pytest.raises(ValueError, match="on must be one of 'clean', 'adv', got 'x'"): recalibrate_bn(learn, on='x')

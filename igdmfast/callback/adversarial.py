@@ -16,10 +16,11 @@ from ..core import ThreatModel, eval_mode, unwrap
 from ..losses import igdm_loss, igdm_weight
 from ..methods import DistillBatch, get_method, Method
 from ..precision import as_attack_dtype, attack_models, check_method_precision
+from torch.optim.swa_utils import update_bn
 
 # %% auto #0
-__all__ = ['IGDM_BN', 'prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat', 'keep_bn_stats',
-           'AdvDistill']
+__all__ = ['IGDM_BN', 'RECALIBRATE_ON', 'prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat', 'bn_eval',
+           'keep_bn_stats', 'AdvDistill', 'recalibrate_bn']
 
 # %% ../../nbs/06_callback.adversarial.ipynb #dee4900b
 def prepare_teacher(teacher:nn.Module, # the teacher network
@@ -120,7 +121,7 @@ class AdvExamples(Callback):
         if not isinstance(self.threat, ThreatModel): raise TypeError(f"threat must be a ThreatModel, got {type(threat).__name__}.")
         if (self.method.teacher_before_attack or self.method.teacher_in_attack) and teacher is None:
             raise ValueError(f"Method {self.method.name!r} attacks against the teacher: pass `teacher=`.")
-        self.step, self._views = None, {}
+        self.step, self._views, self.dtype = None, {}, self.attack_dtype   # `dtype`: the attack's precision in use (reset each fit)
 
     def _init_state(self): self._state, self.teacher, self.step, self._views = {}, None, None, {}  # after unpickling: no teacher, no views
 
@@ -154,13 +155,26 @@ class AdvExamples(Callback):
         if self.teacher is None and (self.method.teacher_before_attack or self.method.teacher_in_attack):
             raise ValueError("This learner has no teacher (a loaded export carries none): it can predict but not train.")
         x, y = self.xb[0], self.yb[0]
-        st = self.step = Step(x, y, teacher=None if self.teacher is None else self.view(self.teacher, x))
+        st = self.step = self._start(x, y)
+        if not self._checked and x.dtype == torch.float32: self._check_precision(x, y)   # float64 runs: autocast leaves them alone
+        st.x_adv = self._attack(st)
+        self.learn.xb = (st.x_adv,)
+
+    def _start(self, x, y)->Step:
+        "A new `Step` for the clean batch: the teacher's module, and T(x) when the attack needs it first."
+        st = Step(x, y, teacher=None if self.teacher is None else self.view(self.teacher, x))
         if self.method.teacher_before_attack:   # RSLAD: T(x) is the attack's target and, later, the outer loss's
             with torch.no_grad(): st.t_nat = st.teacher(x)
-        if not self._checked and x.dtype == torch.float32: self._check_precision(x, y)   # float64 runs: autocast leaves them alone
-        s, t = attack_models(self._student(x), st.teacher, self.dtype)   # unchanged in float32; autocast wrappers otherwise
-        st.x_adv = self.method.attack(s, t, x, y, self.threat, st.t_nat)
-        self.learn.xb = (st.x_adv,)
+        return st
+
+    def _attack(self, st:Step)->Tensor:
+        "x′ for the step's clean batch: the method's inner maximization on the attack's modules and precision."
+        s, t = attack_models(self._student(st.x), st.teacher, self.dtype)   # unchanged in float32; autocast wrappers otherwise
+        return self.method.attack(s, t, st.x, st.y, self.threat, st.t_nat)
+
+    def adversarial(self, x:Tensor, y:Tensor)->Tensor:
+        "x′ for a clean batch outside a training step, as stage 1 makes it (used by `recalibrate_bn`)."
+        return self._attack(self._start(x, y))
 
     def _check_precision(self, x, y):
         "The soundness check of the reduced-precision attack (first batch of a fit): float32 from here on if it falls short."
@@ -190,7 +204,25 @@ class DistillStat(ValueMetric):
     def accumulate(self, learn): self.cb = getattr(learn, 'adv_distill', None)
     def _epoch_mean(self): return None if self.cb is None else self.cb.epoch_mean(self.metric_name)
 
-IGDM_BN = ('update', 'keep')   # the choices of `AdvDistill(igdm_bn=)`
+# the choices of `AdvDistill(igdm_bn=)`, each a treatment of BatchNorm in IGDM's student forwards (section below)
+IGDM_BN = {
+    'update': "the official code: S(x − δ) in train mode, and its batch moves the running statistics",
+    'keep': "S(x − δ) in train mode (batch statistics), the running statistics left as they were",
+    'eval': "S(x + δ) and S(x − δ) both with the running statistics (eval-mode BatchNorm, one more student forward), which they leave alone",
+    'recalibrate': "as 'update' during training, then the running statistics recomputed on the method's x′ after the fit (SWA's update_bn)",
+}
+
+def _bn_layers(model:nn.Module)->list: return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+@contextmanager
+def bn_eval(model:nn.Module, # the model whose BatchNorm layers should use (and keep) their running statistics
+           ):
+    "A context in which `model`'s BatchNorm layers run in eval mode (running statistics, left unchanged); other layers keep their mode."
+    bns = [m for m in _bn_layers(model) if m.training]
+    for m in bns: m.train(False)
+    try: yield model
+    finally:
+        for m in bns: m.train(True)
 
 @contextmanager
 def keep_bn_stats(model:nn.Module, # the model whose forwards should leave its BatchNorm running statistics alone
@@ -199,8 +231,7 @@ def keep_bn_stats(model:nn.Module, # the model whose forwards should leave its B
     # the forwards update copies, then the original tensors go back: restoring them in place instead would bump their
     # version counters, which autograd checks for the earlier forwards of the step that saved them
     names = ('running_mean', 'running_var', 'num_batches_tracked')
-    saved = [(m, {n: getattr(m, n) for n in names if getattr(m, n) is not None})
-             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, {n: getattr(m, n) for n in names if getattr(m, n) is not None}) for m in _bn_layers(model)]
     for m, bufs in saved:
         for n, b in bufs.items(): setattr(m, n, b.clone())
     try: yield model
@@ -219,12 +250,12 @@ class AdvDistill(Callback):
                  alpha:float=0., # IGDM's α: the term's weight in the last epoch
                  loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                  fold_bn:bool=True, # run the teacher's conv→BatchNorm pairs as one convolution (`bn_folded`)
-                 igdm_bn:str='update', # IGDM's student forward at x − δ: 'update' BatchNorm's running statistics (the official code) or 'keep' them
+                 igdm_bn:str='update', # BatchNorm in IGDM's student forwards: a key of `IGDM_BN` ('update': the official code)
                 ):
         self.method, self.teacher, self.igdm, self.fold_bn = get_method(method), teacher, igdm, fold_bn
         if igdm_bn not in IGDM_BN:
-            raise ValueError(f"igdm_bn must be one of {', '.join(map(repr, IGDM_BN))}, got {igdm_bn!r}: 'update' lets IGDM's "
-                             "forward at x − δ update BatchNorm's running statistics (the official code), 'keep' leaves them as they were.")
+            raise ValueError(f"igdm_bn must be one of {', '.join(map(repr, IGDM_BN))}, got {igdm_bn!r}: "
+                             + '; '.join(f"{k!r}: {v}" for k, v in IGDM_BN.items()) + '.')
         self.igdm_bn = igdm_bn
         self.kw = self.method.loss_kwargs(**(loss_kwargs or {}))
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0 or alpha != alpha:
@@ -284,16 +315,23 @@ class AdvDistill(Callback):
         if not self.training: return self.old_lf(pred, *yb)
         st = self.adv.step
         s_nat = self.model(st.x) if 's_nat' in st.needs else None                        # 3. S(x), S(x−δ): train mode
-        s_minus = None
-        if self.igdm:
+        s_plus = s_minus = None
+        if self.igdm and self.igdm_bn == 'eval':   # S(x+δ), S(x−δ) with the running statistics: one batched call
+            with bn_eval(self.model): s_plus, s_minus = self.model(torch.cat([st.x_adv, st.x_minus])).split(len(st.x))
+        elif self.igdm:
+            s_plus = pred                                                                  # S(x+δ) = S(x′): fastai's forward
             with keep_bn_stats(self.model) if self.igdm_bn == 'keep' else nullcontext(): s_minus = self.model(st.x_minus)
         b = DistillBatch(s_adv=pred, y=yb[0], epoch=self.epoch, s_nat=s_nat, t_nat=st.t_nat, t_adv=st.t_adv)
         base = self.method.outer(b, **self.kw)                                            # 4. the outer loss
         self._log('base_loss', base)
         if not self.igdm: return base
-        term, w = igdm_loss(pred, s_minus, st.t_adv, st.t_minus), igdm_weight(self.alpha, self.epoch, self.n_epoch)   # 5. IGDM
+        term, w = igdm_loss(s_plus, s_minus, st.t_adv, st.t_minus), igdm_weight(self.alpha, self.epoch, self.n_epoch)   # 5. IGDM
         self._log('igdm_loss', term); self._log('igdm_weight', w)
         return base + w * term
+
+    def after_fit(self):
+        "With `igdm_bn='recalibrate'`: the student's running statistics recomputed on the method's x′ (one pass, seeded)."
+        if self.igdm and self.igdm_bn == 'recalibrate': recalibrate_bn(self.learn, on='adv')
 
     def _log(self, key, v):
         "Accumulate a training-epoch sum without a host sync."
@@ -311,3 +349,27 @@ class AdvDistill(Callback):
     def stat_names(self):
         "The names of the logged components."
         return ['base_loss'] + (['igdm_loss', 'igdm_weight'] if self.igdm else [])
+
+RECALIBRATE_ON = ('clean', 'adv')   # the inputs `recalibrate_bn` can recompute the running statistics on
+
+def recalibrate_bn(learn, # a learner of `distill_learner` or `adv_learner` (or any Learner, with `on='clean'`)
+                   on:str='adv', # 'clean': the loader's x; 'adv': the method's x′ against the current student
+                   dl=None, # the batches to use (default: the training images in order, every one, with the loader's augmentation)
+                   seed:int|None=0, # seeds the pass (loader order, attack starts) inside a forked RNG; None: the global state
+                  ):
+    "Recompute the student's BatchNorm running statistics as the average over one pass of `dl` (weights unchanged)."
+    if on not in RECALIBRATE_ON: raise ValueError(f"on must be one of {', '.join(map(repr, RECALIBRATE_ON))}, got {on!r}.")
+    adv = getattr(learn, 'adv_examples', None)
+    if on == 'adv' and adv is None: raise ValueError("on='adv' needs the learner's AdvExamples callback (the method's attack): use on='clean'.")
+    model, dl = unwrap(learn.model), (learn.dls.train.new(shuffle=False, drop_last=False) if dl is None else dl)
+    if not _bn_layers(model): return learn
+    devices = [model_device.index or 0] if (model_device := next(model.parameters()).device).type == 'cuda' else []
+    was_training = model.training
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None: torch.manual_seed(seed)
+        if on == 'adv' and adv.teacher is not None: adv.teacher = prepare_teacher(adv.teacher, model_device)
+        model.train()   # the student's mode in a training step (IAD attacks in it; the others switch to eval themselves)
+        try: xs = [adv.adversarial(xb, yb).detach() if on == 'adv' else xb for xb, yb in dl]   # x′ first: the attack reads the statistics
+        finally: model.train(was_training)
+    update_bn(xs, model)   # running statistics reset, then the cumulative average (momentum None), mode restored
+    return learn
