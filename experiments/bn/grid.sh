@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue #26: BatchNorm-safe IGDM. The pilot and the PRE-REGISTERED grid of README.md (written before any run of either).
+# Usage (from anywhere): bash experiments/bn/grid.sh [pilot|digits|all]      (default: pilot)
+#   pilot:  ARD + IGDM (alpha 5) with each igdm_bn candidate, and the ARD base, seeds 100 and 101 (not the grid's seeds)
+#   digits: the main grid of setting 1 (digits, 64/255), with VARIANT=<the pilot's choice> (README.md, "Pilot rule")
+# Options, as in experiments/convergent/grid.sh: SEEDS="0 1" (grid seeds, default 0-4), CLAIMS=DIR (processes share the
+# runs: each is claimed by an atomic mkdir), DRY=1 (print the commands). Resumable: a finished run (its metrics.json) is
+# skipped, a killed one continues from its last complete epoch (--resume); rerun the same line after an interruption.
+# The library is FROZEN at commit $COMMIT: an export of its igdmfast/ goes on PYTHONPATH (the console script does not
+# put the working tree first), so work on the library in the same tree cannot change a run half-way.
+# One process, one thread (OMP_NUM_THREADS=1); logs in experiments/bn/runs/*.log (not committed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+COMMIT=af87a3c
+FROZEN=${FROZEN:-/tmp/igdmfast-frozen-$COMMIT}
+if [ ! -f "$FROZEN/igdmfast/__init__.py" ]; then mkdir -p "$FROZEN"; git archive $COMMIT igdmfast | tar -x -C "$FROZEN"; fi
+export PYTHONPATH=$FROZEN MPLBACKEND=Agg OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+IGDMFAST=${IGDMFAST:-.venv/bin/igdmfast}
+PY="$(dirname "$(readlink -f "$IGDMFAST")")/python"
+got=$(cd / && "$PY" -c 'import igdmfast; print(igdmfast.__file__)')
+[ "$got" = "$FROZEN/igdmfast/__init__.py" ] || { echo "FAIL: igdmfast imports from $got, not the frozen $FROZEN"; exit 1; }
+OUT=experiments/bn/runs
+SEEDS=(${SEEDS:-0 1 2 3 4})
+# setting 1 = experiments/convergent: sklearn digits (1,437 train / 360 validation, 8x8x1), Linf 64/255, step 16/255,
+# 10 steps, batch 128, its committed 100-epoch small_cnn PGD-AT teacher, tiny_mobilenet_cifar students of 160 epochs
+COMMON=(--data digits --eps 64 --steps 10 --bs 128 --resume)
+T=experiments/convergent/grid/teacher/teacher.pt
+STUDENT=(--student tiny_mobilenet_cifar --teacher $T --n-aa 0 --epochs 160)
+declare -A ALPHA=([ard]=5 [rslad]=0.9 [adaad]=5)   # the convergent grid's alphas, unchanged
+
+run() { local log=$1; shift; if [ "${DRY:-0}" = 1 ]; then echo "$*"; else "$@" > "$log" 2>&1; fi; }   # LOG, then the command
+student() {  # NAME, then the variant's train options: train (unless finished), then AutoAttack on all 360 images
+  local name=$1; shift
+  if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${name//\//_}" 2>/dev/null || return 0; fi
+  mkdir -p "$(dirname $OUT/$name)"
+  [ -f $OUT/$name/metrics.json ] || run $OUT/$name.log "$IGDMFAST" train "${COMMON[@]}" "${STUDENT[@]}" "$@" --out $OUT/$name
+  [ -f $OUT/${name}_aa/metrics.json ] || run $OUT/${name}_aa.log "$IGDMFAST" eval $OUT/$name/student.pt --data digits --eps 64 --attacks aa --seed 0 --out $OUT/${name}_aa
+}
+pilot() {  # the ARD base, then ARD + IGDM (alpha 5) with each candidate; seeds 100, 101
+  for s in 100 101; do
+    student pilot/ard_s$s --method ard --no-igdm --seed $s
+    for v in update keep eval recalibrate; do student pilot/ard_igdm_${v}_s$s --method ard --igdm --alpha 5 --igdm-bn $v --seed $s; done
+  done
+}
+digits() {  # setting 1's grid (README.md): base, update and VARIANT for ARD, RSLAD, AdaAD; ARD's alpha 1 and 20 with
+            # VARIANT; Table 6's teacher-free inner: base, update, VARIANT
+  : "${VARIANT:?set VARIANT to the choice of the pilot (README.md)}"
+  for s in "${SEEDS[@]}"; do
+    for m in ard rslad adaad; do
+      student digits/${m}_s$s --method $m --no-igdm --seed $s
+      student digits/${m}_igdm_update_s$s --method $m --igdm --alpha ${ALPHA[$m]} --igdm-bn update --seed $s
+      student digits/${m}_igdm_${VARIANT}_s$s --method $m --igdm --alpha ${ALPHA[$m]} --igdm-bn $VARIANT --seed $s
+    done
+    for a in 1 20; do student digits/ard_igdm_${VARIANT}_a${a}_s$s --method ard --igdm --alpha $a --igdm-bn $VARIANT --seed $s; done
+    student digits/adaad_tf_s$s --method adaad --inner student_ce --no-igdm --seed $s
+    student digits/adaad_tf_igdm_update_s$s --method adaad --inner student_ce --igdm --alpha 5 --igdm-bn update --seed $s
+    student digits/adaad_tf_igdm_${VARIANT}_s$s --method adaad --inner student_ce --igdm --alpha 5 --igdm-bn $VARIANT --seed $s
+  done
+}
+case ${1:-pilot} in
+  pilot) pilot ;;
+  digits) digits ;;
+  all) pilot; digits ;;
+  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all]"; exit 2 ;;
+esac
