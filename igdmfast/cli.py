@@ -86,7 +86,8 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
         seed_everything(o.seed)
         dls = run_dls(o, dev)
         t_model = load_teacher_arg(o.teacher, dev, o.teacher_arch, o.data, o.teacher_dir, dls.c) if o.teacher != 'auto' else None
-        cfg = run_settings(o, 'train', dev, sched)
+        probe_models(o, dls)   # a student that cannot take these images is refused before the teacher trains
+        cfg = run_settings(o, 'train', dev, sched, **file_sha256(t_file))
         out = rf.claim(cfg)
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, o.resume, o.seed, prec, sched)
@@ -125,6 +126,7 @@ def teacher(arch:str='small_cnn', # the teacher's architecture: any registered o
     with RunFolder(out, o.resume, o.force, active=is_main()) as rf:
         seed_everything(o.seed)
         dls = run_dls(o, dev)
+        probe_model(arch, '--arch', dls)
         cfg = run_settings(o, 'teacher', dev, sched, teacher_method=method); del cfg['method']
         out = rf.claim(cfg)
         if o.resume and is_main() and (out/'teacher.pt').is_file() and (out/'metrics.json').is_file():
@@ -154,7 +156,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
              curve:bool=False, # also measure and plot PGD-20 accuracy against eps (0 to twice --eps)
              bs:int=128, # batch size
              seed:int=0, # seed of the subset and of the attacks
-             out:str|None=None, # report folder (default: runs/eval/<folder of the model>-<its name>)
+             out:str|None=None, # report folder (default: runs/eval/<folder of the model>-<its name>-<8 hex digits of its full path>)
              force:bool=False, # overwrite a folder that holds another run or evaluation
              device:str='auto', # cpu, cuda, cuda:N or auto
              attack_dtype:str='fp32', # precision of FGSM, PGD and C&W: fp32 (the default, as published numbers are), bf16 or fp16 (AutoAttack stays fp32)
@@ -170,9 +172,10 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     if n is not None and n < 1: raise CLIError(f"--n must be at least 1 (or left out for the whole validation set), got {n}.")
     if str(attack_dtype).lower() == 'auto': raise CLIError("--attack-dtype for eval is fp32, bf16 or fp16 (evaluation attacks are fp32 unless asked).")
     parse_precision(False, attack_dtype)
+    check_seed(seed)
     dev = parse_device(device)
     # the folder is claimed (locked, checked) before any compute: a clash is found before the attacks run, not after
-    with RunFolder(_eval_out(model) if out is None else out, force=force, inputs=[model, teacher]) as rf:
+    with RunFolder(_eval_out(model) if out is None else out, force=force, inputs=[model, teacher], resumable=False) as rf:
         seed_everything(seed)
         dls = run_dls(o, dev)
         m = load_model_arg(model, arch, '--arch').to(dev)
@@ -194,9 +197,11 @@ def evaluate(model:str, # checkpoint of the model to evaluate
         return dict(res)
 
 def _eval_out(model):
-    "The default report folder of `igdmfast eval MODEL`: runs/eval/<the model's folder>-<its file name without suffix>."
+    "The default report folder of `igdmfast eval MODEL`: runs/eval/<the model's folder>-<its name>-<8 hex digits of its full path>."
+    import hashlib
     p = Path(model).resolve()
-    return str(Path('runs')/'eval'/f"{p.parent.name}-{p.stem}" if p.parent.name else Path('runs')/'eval'/p.stem)
+    tag = hashlib.sha256(str(p).encode()).hexdigest()[:8]   # expA/run/student.pt and expB/run/student.pt: two folders
+    return str(Path('runs')/'eval'/('-'.join(filter(None, (p.parent.name, p.stem, tag)))))
 
 # %% ../nbs/10_cli.ipynb #46174b98
 @delegates(_distill_options)
@@ -230,7 +235,8 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
         seed_everything(seed)
         dls = run_dls(o, dev)
         t_model = load_teacher_arg(o.teacher, dev, o.teacher_arch, o.data, o.teacher_dir, dls.c) if o.teacher != 'auto' else None
-        cfg = run_settings(o, 'compare', dev, sched, methods=names, seeds=seed_list)
+        probe_models(o, dls)   # a student that cannot take these images is refused before the teacher trains
+        cfg = run_settings(o, 'compare', dev, sched, methods=names, seeds=seed_list, **file_sha256(t_file))
         out = rf.claim(cfg)
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, resume, seed, prec, sched)

@@ -286,6 +286,11 @@ def atomic_save(obj, # anything `torch.save` accepts (keep it to tensors and pla
     "`torch.save(obj, path)` through a temporary file, fsync and rename, so `path` is never left half-written."
     return atomic_write(path, lambda f: torch.save(obj, f))
 
+def _new_file_mode()->int:
+    "The mode `open()` gives a new file: 0o666 less the umask (`mkstemp` alone made atomically written files 0600)."
+    um = os.umask(0); os.umask(um)
+    return 0o666 & ~um
+
 def atomic_write(path, # destination file; its folder is created if needed
                  write, # `write(f)` writes the content to the binary file object `f`
                 )->Path:
@@ -296,6 +301,7 @@ def atomic_write(path, # destination file; its folder is created if needed
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
         with os.fdopen(fd, 'wb') as f:
+            os.fchmod(f.fileno(), _new_file_mode())   # the same mode as every other file the run writes
             write(f)
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -683,7 +683,12 @@ def get_dls(source='digits', # a name from `DATASETS`, a path to an `.npz` file,
     xt, yt, xv, yv = r['x_train'], r['y_train'], r['x_valid'], r['y_valid']
     for name, a in (('training', xt), ('validation', xv)):
         if len(a) == 0: raise ValueError(f"The {name} set of {source} is empty: there are no images in it.")
-    if n_train is not None: i = stratified_subset(yt, n_train, seed); xt, yt = xt[i], yt[i]
+    if n_train is not None:
+        k = len(np.unique(np.asarray(yt)))
+        if isinstance(n_train, (int, np.integer)) and 0 < n_train < k:
+            raise ValueError(f"n_train={n_train} keeps fewer training images than {source} has classes ({k}): a class would "
+                             f"have no training image. Keep at least one image per class: n_train={k} or more (--n-train {k}).")
+        i = stratified_subset(yt, n_train, seed); xt, yt = xt[i], yt[i]
     if n_valid is not None: i = stratified_subset(yv, n_valid, seed); xv, yv = xv[i], yv[i]
     xt, xv = _as_images(xt, 'x_train'), _as_images(xv, 'x_valid')
     if augment is None: augment = default_augment(r['name'], xt.shape[1], tuple(xt.shape[-2:]))

@@ -11,12 +11,14 @@ from fastai.callback.core import Callback
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'SAME_ON_RESUME', 'CLIError', 'n_processes', 'is_main', 'parse_device',
-           'check_numbers', 'parse_threat', 'parse_schedule', 'parse_precision', 'parse_seeds', 'check_model_name',
+__all__ = ['MAX_SEED', 'TEACHER_FILES', 'COMMAND_FILES', 'VARIANT_FILES', 'RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'MANIFEST_FILE',
+           'SAME_ON_RESUME', 'CACHED_EVAL', 'CLIError', 'n_processes', 'is_main', 'parse_device', 'check_numbers',
+           'parse_threat', 'parse_schedule', 'parse_precision', 'check_seed', 'parse_seeds', 'check_model_name',
            'check_inner_arg', 'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note', 'write_json', 'run_config',
-           'RunFolder', 'robustbench_datasets', 'teacher_files', 'load_model_arg', 'load_teacher_arg', 'EpochLines',
-           'fit_epochs', 'learner_kwargs', 'build_model', 'train_teacher', 'distill_student', 'check_training',
-           'check_models', 'run_dls', 'run_settings', 'run_notes', 'variant_dir', 'measured']
+           'run_files', 'lock_holder', 'RunFolder', 'robustbench_datasets', 'teacher_files', 'load_model_arg',
+           'load_teacher_arg', 'EpochLines', 'fit_epochs', 'learner_kwargs', 'build_model', 'train_teacher',
+           'distill_student', 'check_training', 'check_models', 'probe_model', 'probe_models', 'file_sha256', 'run_dls',
+           'run_settings', 'run_notes', 'variant_dir', 'measured']
 
 # %% ../nbs/14_runs.ipynb #fc429356
 class CLIError(Exception):
@@ -94,6 +96,8 @@ def parse_schedule(protocol:str='fastai', # `--protocol`: a key of `learner.PROT
         if protocol != 'paper': raise CLIError("--milestones sets the step decay of --protocol paper: add --protocol paper.")
         try: ms = [int(m) for m in str(milestones).split(',') if m.strip()]
         except ValueError: raise CLIError(f"--milestones takes comma-separated epoch numbers such as 100,150, got {milestones!r}.") from None
+        if not ms: raise CLIError(f"--milestones {milestones!r} lists no epoch: give the epochs of the decays, such as 100,150, "
+                                  "or leave it out for the default (50% and 75% of --epochs).")
         if not all(0 < m < epochs for m in ms):
             raise CLIError(f"--milestones must lie between 0 and --epochs ({epochs}), got {milestones!r}.")
     return dict(protocol=protocol, milestones=ms, lr=PROTOCOLS[protocol]['lr'])
@@ -108,14 +112,26 @@ def parse_precision(bf16:bool, # `--bf16`: bfloat16 autocast for the outer step
         except (ValueError, TypeError): raise CLIError(f"--attack-dtype must be auto, fp32, bf16 or fp16, got {attack_dtype!r}.") from None
     return dict(bf16=bf16, attack_dtype=attack_dtype)
 
+MAX_SEED = 2**32 - 1   # NumPy's seeds end here; torch's at 2**64 - 1
+
+def check_seed(seed:int, # a seed
+               flag:str='--seed', # the option that gave it, named in the message
+              )->int:
+    "Refuse a seed outside 0..`MAX_SEED` before anything runs (a huge one used to fail after the teacher was evaluated)."
+    if not 0 <= seed <= MAX_SEED:
+        raise CLIError(f"{flag}: a seed must be a non-negative integer of at most {MAX_SEED} (2**32 - 1), got {seed}.")
+    return seed
+
 def parse_seeds(seeds:str|None, # `--seeds`: comma-separated student seeds, e.g. 0,1,2
                 seed:int=0, # `--seed`, the one seed without `--seeds`
                )->list:
-    "The student seeds of `--seeds 0,1,2` (distinct non-negative integers), or `[seed]` without it."
+    "The student seeds of `--seeds 0,1,2` (distinct integers in 0..`MAX_SEED`), or `[seed]` without it."
+    check_seed(seed)
     if seeds is None or str(seeds).strip() == '': return [seed]
     try: out = [int(v) for v in str(seeds).split(',') if v.strip()]
     except ValueError: raise CLIError(f"--seeds takes comma-separated non-negative integers such as 0,1,2,3,4, got {seeds!r}.") from None
     if not out or any(v < 0 for v in out): raise CLIError(f"--seeds takes comma-separated non-negative integers such as 0,1,2,3,4, got {seeds!r}.")
+    for v in out: check_seed(v, '--seeds')
     if len(set(out)) != len(out): raise CLIError(f"--seeds lists a seed twice: {seeds!r}.")
     return out
 
@@ -141,8 +157,8 @@ def check_igdm_bn_arg(igdm_bn:str # `--igdm-bn`: a key of `callback.adversarial.
     "Refuse an unknown `--igdm-bn` before anything is loaded."
     from igdmfast.callback.adversarial import IGDM_BN
     if igdm_bn not in IGDM_BN:
-        raise CLIError(f"--igdm-bn must be one of {', '.join(IGDM_BN)}, got {igdm_bn!r}: 'update' lets IGDM's student forward at "
-                       "x − δ update BatchNorm's running statistics (the official code), 'keep' leaves them as they were.")
+        raise CLIError(f"--igdm-bn must be one of {', '.join(IGDM_BN)}, got {igdm_bn!r}: "
+                       + '; '.join(f"{k!r}: {v}" for k, v in IGDM_BN.items()) + '.')
 
 def run_versions()->dict:
     "The versions and the CPU thread count of this run (a seeded CPU run repeats bit for bit at the same thread count)."
@@ -175,14 +191,23 @@ def aa_note(n_aa:int, # `--n-aa`
             f"AutoAttack (standard) on all {n} validation images" + (f" (--n-aa {n_aa} asked for more)" if n_aa > n else ""))
 
 # %% ../nbs/14_runs.ipynb #a0c25993
-RUN_FILES = ('config.json', 'checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.pt', 'history.csv',
-             'teacher_history.csv', 'metrics.json', 'report.md', 'compare.json', 'compare.md', 'result.json',
-             'grad_cosines.png', 'training_curves.png', 'acc_vs_eps.png', 'seeds.png')
+TEACHER_FILES = ('teacher_checkpoint.pt', 'teacher_history.csv', 'teacher.pt')
+COMMAND_FILES = dict(   # the files each command writes in its folder (a teacher's too when it trains one)
+    teacher=('config.json', *TEACHER_FILES, 'metrics.json', 'report.md', 'training_curves.png'),
+    train=('config.json', 'checkpoint.pt', 'history.csv', 'student.pt', 'metrics.json', 'report.md', 'grad_cosines.png',
+           'training_curves.png'),
+    eval=('config.json', 'metrics.json', 'report.md', 'acc_vs_eps.png'),
+    compare=('config.json', 'result.json', 'compare.json', 'compare.md', 'metrics.json', 'report.md', 'grad_cosines.png',
+             'acc_vs_eps.png', 'seeds.png'),
+    export=('config.json', 'model.safetensors', 'README.md', 'robustbench.json', 'model.onnx'))
+VARIANT_FILES = ('config.json', 'checkpoint.pt', 'history.csv', 'student.pt', 'result.json', 'training_curves.png')
+RUN_FILES = tuple(dict.fromkeys(f for fs in (*COMMAND_FILES.values(), TEACHER_FILES, VARIANT_FILES) for f in fs))
 SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.pt', 'result.json')
-LOCK_FILE = '.igdmfast.lock'
-SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
+LOCK_FILE, MANIFEST_FILE = '.igdmfast.lock', '.igdmfast.files.json'
+SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_sha256', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
                   'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n')
+CACHED_EVAL = dict(compare=('n_aa', 'n_curve'))   # evaluation settings of the results a resumed command reuses (`result.json`)
 
 def write_json(path, # the file to write (its folder is created)
                obj, # anything `json.dumps` accepts
@@ -197,9 +222,36 @@ def run_config(path # a `config.json`
     except (OSError, ValueError): return None
     return cfg if isinstance(cfg, dict) and 'command' in cfg else None
 
+def run_files(cfg:dict # a run's `config.json`: its 'command', 'teacher', and for `compare` its 'methods' and 'seeds'
+             )->list:
+    "The files (paths relative to the run folder) the command of `cfg` writes: its own, its teacher's, each variant's."
+    cmd = cfg.get('command')
+    files = list(COMMAND_FILES.get(cmd, ()))
+    if cmd in ('train', 'compare') and cfg.get('teacher') == 'auto': files += TEACHER_FILES
+    if cmd == 'compare':
+        seeds, methods = cfg.get('seeds') or [cfg.get('seed', 0)], cfg.get('methods') or []
+        dirs = [(f'seed{s}/' if len(seeds) > 1 else '') + (f'{m}_igdm' if ig else m) for s in seeds for m in methods for ig in (False, True)]
+        files += [f'{d}/{f}' for d in dirs for f in VARIANT_FILES]
+    return files
+
 def _is_our_tmp(p):
     "A temporary file left by our atomic writer (`.<name>.<random>.tmp` of a `RUN_FILES` name)."
     return p.name.startswith('.') and p.name.endswith('.tmp') and any(p.name.startswith(f'.{f}.') for f in RUN_FILES)
+
+def _inside(rel)->bool:
+    "A manifest entry that names a file inside the run folder (no absolute path, no `..`)."
+    return isinstance(rel, str) and rel != '' and not Path(rel).is_absolute() and '..' not in Path(rel).parts
+
+def lock_holder(folder # a folder
+               )->str|None:
+    "The process that holds `folder`'s lock (its id, or '?' if it wrote none), None when no command holds it."
+    import fcntl
+    f = Path(folder)/LOCK_FILE
+    if not f.is_file(): return None
+    with open(f) as fh:
+        try: fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError: return fh.read().strip() or '?'
+    return None
 
 class RunFolder:
     "The folder of one command: locked for the command's whole duration, claimed by `claim(cfg)`, released if nothing was saved."
@@ -209,10 +261,11 @@ class RunFolder:
                  inputs=(), # files the command reads (never removed)
                  subdirs=(), # per-variant subfolder names this command writes (`compare`)
                  active:bool=True, # False: do nothing (the other processes of a distributed launch)
+                 resumable:bool=True, # the command takes `--resume` (`eval` does not): what a refusal advises
                 ):
-        self.out, self.resume, self.force, self.active = Path(out), resume, force, active
+        self.out, self.resume, self.force, self.active, self.resumable = Path(out), resume, force, active, resumable
         self.inputs = {Path(p).resolve() for p in inputs if p and Path(p).exists()}
-        self.subdirs, self.lock, self.claimed, self.created = tuple(subdirs), None, False, False
+        self.subdirs, self.lock, self.claimed, self.created, self.files = tuple(subdirs), None, False, False, []
 
     def __enter__(self):
         if not self.active: return self
@@ -237,24 +290,25 @@ class RunFolder:
         f.seek(0); f.truncate(); f.write(f"{os.getpid()}\n"); f.flush()
         self.lock = f
 
-    def _variant_dirs(self):
-        "The per-variant folders of a comparison here: `<method>[_igdm]/`, and those inside `seed<k>/`."
-        found = []
-        for d in sorted(p for p in self.out.iterdir() if p.is_dir() and self._is_variant(p.name)):
-            if re.fullmatch(r'seed\d+', d.name): found += [e for e in sorted(d.iterdir()) if e.is_dir() and self._is_variant(e.name)]
-            else: found.append(d)
-        return [d for d in found if run_config(d/'config.json') is not None]
+    def manifest(self)->list|None:
+        "The files the runs of this folder wrote (`MANIFEST_FILE`), or None for a folder of an igdmfast without manifests."
+        try: files = json.loads((self.out/MANIFEST_FILE).read_text())
+        except (OSError, ValueError): return None
+        return [f for f in files if _inside(f)] if isinstance(files, list) else None
+
+    def _earlier(self, own_only:bool=False)->list:
+        "What the earlier run here wrote: its manifest, else (an older folder) the names its command writes (`own_only`: not in subfolders)."
+        listed = self.manifest()
+        if listed is not None: return listed
+        return [f for f in run_files(self.previous or {}) if not (own_only and '/' in f)]
 
     def ours(self)->list:
-        "The files an earlier run of ours wrote here and in its per-variant folders, inputs excluded: what `--force` removes."
-        mine = lambda p: p.is_file() and (p.name in RUN_FILES or _is_our_tmp(p)) and p.resolve() not in self.inputs
-        return [p for d in [self.out, *self._variant_dirs()] for p in sorted(d.iterdir()) if mine(p)]
-
-    def _is_variant(self, name):
-        "A subfolder name that `compare` writes: `<method>[_igdm]` or `seed<k>`."
-        from igdmfast.methods import METHODS
-        base = re.sub(r'_igdm$', '', name)
-        return name in self.subdirs or base in METHODS or re.fullmatch(r'seed\d+', name) is not None
+        "The files an earlier run of ours wrote here (its manifest), inputs excluded: what `--force` removes. Nothing else, ever."
+        found = []
+        for rel in self._earlier(own_only=True):
+            p = self.out/rel
+            found += [p, *sorted(p.parent.glob(f'.{p.name}.*.tmp'))] if p.parent.is_dir() else []
+        return [p for p in dict.fromkeys(found) if p.is_file() and p.resolve() not in self.inputs]
 
     def _check(self):
         "Refuse a folder that holds another run (unless resumed with the same settings, or forced), or a user's file we would overwrite."
@@ -269,16 +323,56 @@ class RunFolder:
             if self.resume: print(f"Nothing to resume in {out}: starting a new run.")
             self.resume = False
         elif not (self.force or self.resume):
-            raise CLIError(f"{out} holds another run (config.json of `igdmfast {cfg['command']}`): pass --resume to continue "
-                           "it, --force to overwrite it, or choose another --out.")
+            how = "pass --resume to continue it, --force to overwrite it" if self.resumable else "pass --force to overwrite it"
+            raise CLIError(f"{out} holds another run (config.json of `igdmfast {cfg['command']}`): {how}, or choose another --out.")
         self.previous = cfg
 
-    def claim(self, cfg:dict):
+    def _check_subfolders(self, rels):
+        "Refuse to write or remove in a subfolder that another command holds, or that holds a run of its own."
+        for d in sorted({(self.out/r).parent for r in rels} - {self.out}):
+            pid = lock_holder(d)
+            if pid is not None:
+                raise CLIError(f"{d} is in use by another igdmfast command (process {pid}), and this command would write or "
+                               f"remove files there: wait for it to finish, or choose another --out.")
+            cfg = run_config(d/'config.json')
+            if cfg is not None and cfg['command'] != 'compare':
+                raise CLIError(f"{d} holds a run of its own (config.json of `igdmfast {cfg['command']}`), and this command "
+                               "would write or remove files there: move it, or choose another --out.")
+
+    def _check_overwrite(self, new, earlier):
+        "Refuse files this run would write that the earlier run did not: a user's own files (`compare.md` put in a `train` folder)."
+        clash = [r for r in new if r not in earlier and (self.out/r).is_file() and (self.out/r).resolve() not in self.inputs]
+        if clash:
+            raise CLIError(f"{self.out} holds {', '.join(clash)}, which the earlier run there did not write and this run would "
+                           "overwrite: move it, or choose another --out.")
+
+    def _diff(self, old, cfg):
+        "The settings a resume must repeat that differ, each as 'name: old there, new now'."
+        keys = SAME_ON_RESUME + CACHED_EVAL.get(cfg.get('command'), ())
+        def say(k):
+            if k == 'teacher_sha256': return f"the teacher file: sha256 {str(old[k])[:12]}… there, {str(cfg[k])[:12]}… now (other bytes)"
+            return f"{k}: {old[k]!r} there, {cfg[k]!r} now"
+        return [say(k) for k in keys if k in cfg and k in old and old[k] != cfg[k]]
+
+    def _resume_refused(self, diff, cfg):
+        "Refuse a resume whose settings differ from the run it would continue, saying what to do."
+        cached = [k for k in CACHED_EVAL.get(cfg.get('command'), ()) if any(d.startswith(f'{k}:') for d in diff)]
+        why = (f"; its finished variants were evaluated with the {'/'.join('--' + k.replace('_', '-') for k in cached)} there, "
+               "and a resume reuses those results" if cached else "")
+        teacher = ", give the teacher file it was distilled from" if any(d.startswith('the teacher file') for d in diff) else ""
+        raise CLIError(f"--resume: {self.out} holds a run with other settings ({'; '.join(diff)}){why}: repeat its options{teacher}, "
+                       "or pass --force to start over.")
+
+    def claim(self, cfg:dict, # the run's `config.json`
+              files=None, # the files (paths relative to the folder) the command writes (default: `run_files(cfg)`)
+             ):
         "Make the folder the run `cfg`'s: check a resume's settings, or clear an earlier run (`--force`); write `config.json`."
         if not self.active: return self.out
-        old = self.previous
+        old, new = self.previous, list(dict.fromkeys(['config.json', *(run_files(cfg) if files is None else files)]))
         if old is not None and self.force:
             gone = self.ours()
+            self._check_subfolders([str(p.relative_to(self.out)) for p in gone] + new)
+            self._check_overwrite(new, {str(p.relative_to(self.out)) for p in gone} | set(self._earlier()))
             for p in gone: p.unlink()
             for d in sorted({p.parent for p in gone if p.parent != self.out}, key=lambda d: -len(d.parts)):
                 if not any(d.iterdir()): d.rmdir()
@@ -286,17 +380,20 @@ class RunFolder:
             names = [str(p.relative_to(self.out)) for p in gone]
             print(f"--force: removed {len(names)} file{'s' * (len(names) != 1)} of the earlier run in {self.out}"
                   + (f": {', '.join(names)}." if names else "."))
-        elif old is not None and self.resume:
-            diff = [f"{k}: {old.get(k)!r} there, {cfg.get(k)!r} now" for k in SAME_ON_RESUME if k in cfg and k in old and old[k] != cfg[k]]
-            if diff: raise CLIError(f"--resume: {self.out} holds a run with other settings ({'; '.join(diff)}): repeat its options, "
-                                    "or pass --force to start over.")
-        self.claimed = old is None or self.force
+        elif old is not None:   # resumed
+            if diff := self._diff(old, cfg): self._resume_refused(diff, cfg)
+            self._check_subfolders(new)
+            self._check_overwrite(new, set(self._earlier()))
+            new = list(dict.fromkeys(self._earlier() + new))
+        else: self._check_subfolders(new)
+        self.claimed, self.files = old is None or self.force, new
+        write_json(self.out/MANIFEST_FILE, self.files)   # before any file it lists: a killed run's files are known
         write_json(self.out/'config.json', cfg)
         return self.out
 
     def saved_work(self)->bool:
         "Whether anything worth resuming was saved here (a checkpoint, weights, a finished variant)."
-        return any((d/f).exists() for d in [self.out, *self._variant_dirs()] for f in SAVED_WORK)
+        return any((self.out/f).exists() for f in self.files if Path(f).name in SAVED_WORK)
 
     def _release(self):
         if self.lock is None: return
@@ -310,9 +407,11 @@ class RunFolder:
     def __exit__(self, typ, exc, tb):
         if not self.active: return False
         if exc is not None and self.claimed and not self.saved_work():
-            (self.out/'config.json').unlink(missing_ok=True)   # a refused run leaves no claim behind
+            for f in ('config.json', MANIFEST_FILE): (self.out/f).unlink(missing_ok=True)   # a refused run leaves no claim behind
+        elif self.files: write_json(self.out/MANIFEST_FILE, [f for f in self.files if (self.out/f).exists()])   # what it wrote
         self._release()
         return False
+
 
 # %% ../nbs/14_runs.ipynb #6d125c5e
 def robustbench_datasets(teacher:str, # a RobustBench name
@@ -404,8 +503,12 @@ def _history_logger(fname):
 
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
+    from igdmfast.models import CheckpointError
     if not resume or not Path(path).is_file(): return 0
-    start = learn.resume_from(path)
+    try: start = learn.resume_from(path)
+    except CheckpointError as e:
+        raise CLIError(f"{e} --resume cannot continue from it: rerun with --force instead of --resume to start this run "
+                       "over (it removes the run's files), or choose another --out.") from None
     print(f"Resuming from {path} at epoch {start}.")
     return start
 
@@ -522,6 +625,7 @@ def check_training(o:dict # a training command's options
                   )->tuple:
     "Check the numbers, schedule and precision of a training command before anything is loaded; (schedule, precision)."
     check_numbers(o['epochs'], o['bs'], o['steps'], o['lr'], o['n_aa'], o.get('alpha'))
+    check_seed(o['seed'])
     return parse_schedule(o['protocol'], o['milestones'], o['epochs']), parse_precision(o['bf16'], o['attack_dtype'])
 
 def check_models(o:dict # the options of `train` or `compare` (its 'teacher_arch' is resolved in place)
@@ -533,6 +637,42 @@ def check_models(o:dict # the options of `train` or `compare` (its 'teacher_arch
     if o['teacher'] == 'auto': o['teacher_arch'] = o['teacher_arch'] or 'small_cnn'
     if o['teacher_arch']: check_model_name(o['teacher_arch'], '--teacher-arch')
     return t_file
+
+def probe_model(name:str, # a model name (`--student`, `--arch`, `--teacher-arch`)
+                flag:str, # the option that gave it, named in the message
+                dls, # the run's data: its classes, channels and image size
+               ):
+    "Build `name` for `dls` and classify two blank images, before anything trains: refuse a model that cannot take them."
+    from igdmfast.learner import check_compatible
+    c, (h, w) = dls.in_chans, dls.img_size
+    try:
+        with torch.random.fork_rng(devices=[]):   # the run's seeded draws stay as they were
+            check_compatible(build_model(name, dls), None, dls)
+    except Exception as e:
+        if isinstance(e, CLIError) and str(e).startswith('Unknown model'): raise
+        why = next((l.strip() for l in str(e).splitlines() if l.strip()), '').rstrip('.')
+        raise CLIError(f"{flag} {name} cannot classify the {getattr(dls, 'name', 'data')} images ({c}x{h}x{w}, {dls.c} classes): "
+                       f"{why if isinstance(e, (ValueError, CLIError)) else f'{type(e).__name__}: {why}'}. Nothing was trained: "
+                       "choose a model made for images of this size, such as small_cnn, tiny_resnet_cifar or resnet18_cifar.") from None
+
+def probe_models(o:dict, # the options of `train` or `compare` (after `check_models`)
+                 dls, # the run's data
+                ):
+    "`probe_model` of the student and of the teacher that `--teacher auto` trains, before either trains."
+    probe_model(o['student'], '--student', dls)
+    if o['teacher'] == 'auto': probe_model(o['teacher_arch'], '--teacher-arch', dls)
+
+def file_sha256(paths # the files `--teacher` stands for (`teacher_files`)
+               )->dict:
+    "`{'teacher_sha256': ...}` of the first existing file of `paths`, for `config.json`; {} when there is none ('auto')."
+    import hashlib
+    for p in map(Path, paths):
+        if not p.is_file(): continue
+        h = hashlib.sha256()
+        with open(p, 'rb') as f:
+            for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+        return dict(teacher_sha256=h.hexdigest())
+    return {}
 
 def run_dls(o:dict, # a command's options: 'data', 'bs', 'seed' and optional 'n_train', 'n_valid'
             dev:str, # the device

@@ -158,7 +158,7 @@ def test_eval_default_folders_do_not_overwrite_each_other(finished_run, tmp_path
     t = teacher(tmp_path/'other'/'t.pt')
     for m in (finished_run/'student.pt', t):
         assert run_main(['eval', str(m), '--attacks', 'clean', '--n', '20', '--device', 'cpu'], monkeypatch, tmp_path) == 0
-    reports = sorted(p.parent.name for p in (tmp_path/'runs'/'eval').glob('*/report.md'))
+    reports = sorted(p.parent.name[:-9] for p in (tmp_path/'runs'/'eval').glob('*/report.md'))   # less '-<8 hex digits>' (#25)
     assert reports == ['other-t', 'run-student']
     # evaluating the same model again into its folder needs --force
     argv = ['eval', str(t), '--attacks', 'clean', '--n', '20', '--device', 'cpu']
