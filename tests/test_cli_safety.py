@@ -281,7 +281,7 @@ def test_igdm_bn_option(tmp_path, monkeypatch, capsys):
     "`--igdm-bn keep` reaches the learner and the run's config; an unknown value is refused before anything is claimed."
     out, t = tmp_path/'run', teacher(tmp_path/'t.pt')
     assert run_main(['train', *F, '--teacher', str(t), '--igdm-bn', 'frozen', '--out', str(out)], monkeypatch, tmp_path) == 2
-    assert "--igdm-bn must be one of update, keep, got 'frozen'" in capsys.readouterr().err and not out.exists()
+    assert "--igdm-bn must be one of update, keep, eval, recalibrate, got 'frozen'" in capsys.readouterr().err and not out.exists()
     assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--igdm-bn', 'keep', '--out', str(out)], monkeypatch, tmp_path) == 0
     assert json.loads((out/'config.json').read_text())['igdm_bn'] == 'keep'
     assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--resume', '--out', str(out)], monkeypatch, tmp_path) == 2
