@@ -160,8 +160,15 @@ def _check_threat(threat, who='distill_learner'):
     raise TypeError(f"{who}: threat must be a ThreatModel (e.g. ThreatModel(eps=8/255, step_size=2/255, n_steps=10)), "
                     f"got a {type(threat).__name__}.")
 
+def _on_device(dls):
+    "`dls` with a `torch.device`: fastai's own `None` (its `default_device()`, where fastai's loop puts the batches) or a name such as 'cpu' resolved."
+    from fastai.torch_core import default_device
+    d = dls.device
+    if not isinstance(d, torch.device): dls.device = default_device() if d is None else torch.device(d)
+    return dls
+
 def _default_dls(dls):
-    if dls is not None: return dls
+    if dls is not None: return _on_device(dls)
     from igdmfast.data import get_dls
     dls = get_dls('digits')
     print(f"No DataLoaders given: using the embedded scikit-learn digits ({len(dls.train.dataset)} train / "
