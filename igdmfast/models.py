@@ -747,6 +747,25 @@ def _fit_errors(model, sd):
     lines.append("Check the architecture and its arguments (num_classes, in_chans, ...).")
     return '\n'.join(lines)
 
+_RB_NORM = ('mu', 'sigma')   # RobustBench's persistent buffers of a fixed input normalization (its Rice2020Overfitting, Chen2020Efficient)
+
+def _rb_norm(sd, model, where:str):
+    "`sd` without RobustBench's `mu`/`sigma` buffers when they equal `model`'s built-in normalization; a `CheckpointError` when not."
+    if not any(k in sd for k in _RB_NORM) or any(k in model.state_dict() for k in _RB_NORM): return sd
+    vec = lambda t: t.detach().to('cpu', torch.float64).flatten()
+    show = lambda t: '(' + ', '.join(f"{v:.6g}" for v in vec(t).tolist()) + ')'
+    got = ', '.join(f"{k}={show(sd[k])}" for k in _RB_NORM if k in sd)
+    mean, std = getattr(model, 'mean', None), getattr(model, 'std', None)
+    if not (isinstance(mean, Tensor) and isinstance(std, Tensor)):
+        raise CheckpointError(f"{where} holds an input normalization (RobustBench's buffers {got}), but {type(model).__name__} as "
+                              "igdmfast builds it has none: the file holds another model. Check the architecture (arch=, --teacher-arch).")
+    same = lambda k, ours: k in sd and sd[k].numel() == ours.numel() and bool((vec(sd[k]) - vec(ours)).abs().max() <= 1e-6)
+    if not (same('mu', mean) and same('sigma', std)):
+        raise CheckpointError(f"{where} holds an input normalization (RobustBench's buffers {got}) that differs from the one "
+                              f"igdmfast builds into {type(model).__name__}: mean={show(mean)}, std={show(std)}. A teacher with "
+                              "another normalization gives other logits, so it is refused: check that the file is this model.")
+    return {k: v for k, v in sd.items() if k not in _RB_NORM}
+
 def _infer_kwargs(arch, sd, kwargs):
     "Add `num_classes`, `in_chans` (and WRN `sub_block1`, PreAct `bn_before_fc`) read from the weights to `kwargs` when not given."
     kwargs = dict(kwargs)
@@ -762,6 +781,8 @@ def _infer_kwargs(arch, sd, kwargs):
         kwargs.setdefault('in_chans', sd[f'{conv}.weight'].shape[1])
     if isinstance(probe, WideResNet) and any(k.startswith('sub_block1.') for k in sd): kwargs.setdefault('sub_block1', True)
     if isinstance(probe, PreActResNet) and 'bn.weight' not in sd: kwargs.setdefault('bn_before_fc', False)
+    if isinstance(probe, (PreActResNet, WideResNet)) and {'mu', 'sigma'} <= set(sd) and kwargs.get('mean') is None:
+        kwargs.update(mean=sd['mu'].flatten().tolist(), std=sd['sigma'].flatten().tolist())   # RobustBench's own normalization
     return kwargs
 
 # %% ../nbs/03_models.ipynb #79e7d760
@@ -818,6 +839,7 @@ def load_teacher(spec, # a checkpoint file (`save_weights`, state dict, fastai `
                              f"'resnet18_cifar', plus num_classes=... if needed) or model= (a network you built).")
         model = _build(arch, sd, head, model_kwargs)
     model = unwrap(model)
+    sd = _rb_norm(sd, model, repr(str(path)))
     err = _fit_errors(model, sd)
     if err:
         saved, built = head.get('arch'), _cfg(_split_normalized(model)[0]).get('architecture')
@@ -927,6 +949,7 @@ def _load_robustbench(name, dataset, teacher_dir, model, arch, model_kwargs):
     sd, _ = read_checkpoint(path)
     while sd and all(k.startswith('model.') for k in sd): sd = {k[6:]: v for k, v in sd.items()}  # RobustBench strips it too
     net = timm.create_model(entry['arch'], **entry['kwargs'])
+    sd = _rb_norm(sd, net, f"{str(path)!r} (RobustBench's {name!r}, {dataset})")
     err = _fit_errors(net, sd)
     if err:
         raise CheckpointError(f"{str(path)!r} is not RobustBench's {name!r} ({dataset}) as igdmfast builds it, "

@@ -14,7 +14,7 @@ from torch import nn
 
 import _robustbench as RB
 from igdmfast.models import (ROBUSTBENCH_TEACHERS, CheckpointError, UnsafeCheckpointError, WideResNet, load_teacher,
-                             robustbench_path, save_weights)
+                             robustbench_path, save_weights, _rb_norm)
 
 ENTRIES = [(d, n) for d, names in ROBUSTBENCH_TEACHERS.items() for n in names]
 
@@ -24,7 +24,8 @@ PAPER = {'cifar10': {'Chen2021LTD_WRN34_10', 'Chen2021LTD_WRN34_20', 'Wang2023Be
                       'Sitawarin2020Improving', 'Chen2020Efficient', 'Hendrycks2019Using', 'Cui2020Learnable_34_10_LBGAT6'}}
 
 # RobustBench keeps these two models' normalization in persistent `mu`/`sigma` buffers that their checkpoints lack
-# (`_safe_load_state_dict` loads them with strict=False); igdmfast keeps it in non-persistent buffers.
+# (`_safe_load_state_dict` loads them with strict=False); igdmfast keeps it in non-persistent buffers, and accepts a state
+# dict saved from RobustBench's module, which has them, when they equal its own (`_rb_norm`).
 NON_STRICT = {'Rice2020Overfitting', 'Chen2020Efficient'}
 
 # A forward of WRN-34-20 (184M parameters) with its construction took about 15 s on one thread here, over the ~10 s
@@ -105,8 +106,12 @@ def test_same_logits_as_robustbench(rb_zoo, dataset, name):
         assert _shapes(ours) == {k: v for k, v in _shapes(theirs).items() if k not in ('mu', 'sigma')}
     else: theirs, ours = rb_zoo[0][dataset][name](), timm.create_model(e['arch'], **e['kwargs'])
     _random_weights(theirs, seed=len(name))
-    missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=False)
-    assert missing == [] and set(unexpected) == ({'mu', 'sigma'} if name in NON_STRICT else set())
+    sd = theirs.state_dict()   # what `torch.save(load_model(...).state_dict())` keeps (issue #25, item 15)
+    assert set(sd) - set(ours.state_dict()) == ({'mu', 'sigma'} if name in NON_STRICT else set())
+    ours.load_state_dict(_rb_norm(sd, ours, name), strict=True)   # their mu/sigma equal our built-in normalization
+    if name in NON_STRICT:
+        with pytest.raises(CheckpointError, match='differs from the one igdmfast builds'):
+            _rb_norm(dict(sd, sigma=sd['sigma'] * 1.01), ours, name)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(): want, got = theirs.eval()(x), ours.eval()(x)
     assert got.shape == (2, e['kwargs']['num_classes'])
