@@ -62,10 +62,19 @@ def _evaluated(models, dls, threat, o)->dict:
     for name, m in models.items(): print(f"Evaluating {name}..."); res[name] = paper_eval(m, dls.valid, threat, o.n_aa, o.seed)
     return res
 
+def _table_columns(rows:dict)->list:
+    "The paper's columns, then one per other attack that `rows` hold (e.g. PGD-50, C&W∞-30): the terminal shows what was computed."
+    from igdmfast.core import ThreatModel
+    from igdmfast.evaluate import parse_attack
+    from igdmfast.stats import is_accuracy
+    paper = {k for k, _ in PAPER_COLUMNS}
+    more = dict.fromkeys(k for r in rows.values() for k in r if is_accuracy(k) and k not in paper and k != 'any')
+    return [*PAPER_COLUMNS, *((k, parse_attack(k, ThreatModel()).label) for k in more)]
+
 def _print_table(results, aligned={}):
-    "The paper's columns of `results` (GD and GC from `aligned`) as a Markdown table on stdout."
+    "The paper's columns of `results` (GD and GC from `aligned`), and any other attack they hold, as a Markdown table on stdout."
     rows = {n: {**r, **{k: aligned[n][k] for k in ('gd', 'gc')}} if n in aligned else r for n, r in results.items()}
-    print('\n' + markdown_table(rows, PAPER_COLUMNS, first='model'), end='')
+    print('\n' + markdown_table(rows, _table_columns(rows), first='model'), end='')
 
 # %% ../nbs/10_cli.ipynb #7df59547
 @delegates(_distill_options)
@@ -183,10 +192,11 @@ def evaluate(model:str, # checkpoint of the model to evaluate
         out = rf.claim(cfg := run_settings(o, 'eval', dev, model=str(model), attacks=names))
         name = Path(model).name
         res = robust_eval(m, dls.valid, attacks=names, threat=threat, n=n, seed=seed, input_size=checkpoint_input_size(model),
-                          attack_dtype=attack_dtype)
+                          attack_dtype=attack_dtype, warn=False)   # its warnings: in the report and printed once, below
         aligned = {name: grad_alignment(m, t, dls.valid, n=n, seed=seed)} if t is not None else {}
-        plots = [plot_acc_vs_eps({name: accuracy_vs_eps(m, dls.valid, eps_list=curve_radii(threat.eps), n=n, seed=seed)},
-                                 out/'acc_vs_eps.png').name] if curve else []
+        c = accuracy_vs_eps(m, dls.valid, eps_list=curve_radii(threat.eps), n=n, seed=seed, warn=False) if curve else None
+        if c is not None: res.warnings.extend(c.warnings)   # the curve's masking checks reach the report too
+        plots = [plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name] if curve else []
         save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
                     notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}; "
                           f"attacks in {'float32' if attack_dtype in (None, 'fp32', 'float32') else attack_dtype} (scored in float32).",
@@ -312,6 +322,10 @@ def _exit_code(e:BaseException, debug:bool)->int:
           file=sys.stderr)
     return 2 if bad_input else 1
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    "A warning as one line on stderr, `EvaluationWarning: ...`, without Python's file, line number and source line."
+    print(f"{category.__name__}: {message}", file=file or sys.stderr, flush=True)
+
 def main(argv=None):
     "Entry point of the `igdmfast` command."
     p = _parser()
@@ -321,6 +335,7 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:   # main changes nothing that outlives it
         stack.callback(torch.set_num_threads, torch.get_num_threads())
         stack.enter_context(warnings.catch_warnings())
+        if not args.debug: warnings.showwarning = _one_line_warning   # logs and pipes stay readable; restored on exit
         if not is_main():   # in a distributed launch rank 0 prints the progress and the table
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, 'w'))))
         try:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_evaluate.ipynb #7c06f9df
 from __future__ import annotations
-import json, logging, math, re, time, warnings
+import json, logging, math, re, sys, time, warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,8 +331,14 @@ def _aa_summary(messages:list[str])->list[str]:
 def _sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
+def _bar_shows()->bool:
+    "Whether a progress bar renders: in a notebook, or on a terminal (in a log file or a pipe it would be `\\r` and █ fragments)."
+    from fastprogress.core import IN_NOTEBOOK
+    isatty = getattr(sys.stdout, 'isatty', None)
+    return bool(IN_NOTEBOOK or (callable(isatty) and isatty()))
+
 def _progress(it, on, total=None):
-    if not on: return it
+    if not (on and _bar_shows()): return it
     if total is None:
         try: total = len(it)
         except TypeError: total = None   # a plain iterable of batches: no length
@@ -741,6 +747,12 @@ def _samples(res, info):
     if not isinstance(n, int) or isinstance(n, bool): return '–'
     return f"{n} of {res['n_total']} (seeded subset)" if res.get('subset') and isinstance(res.get('n_total'), int) else str(n)
 
+def _warnings_of(res, info)->list:
+    "One model's evaluation warnings: a `RobustResult`'s, or the 'warnings' list of a dict (`paper_eval`'s, a `to_dict()`)."
+    if info is not None: return list(info.warnings)
+    w = res.get('warnings') if isinstance(res, Mapping) else None
+    return [str(m) for m in w] if isinstance(w, (list, tuple)) else []
+
 def _seconds_of(res, info):
     if info is not None: return info.seconds.get('total')
     s = res.get('seconds') if isinstance(res, Mapping) else None
@@ -826,7 +838,7 @@ def save_report(results:dict, # model name -> `RobustResult`, its `.to_dict()`, 
         for m, info in infos:
             lines.append(f"- **{m}**: {info.n} samples{' (a seeded subset of ' + str(info.n_total) + ', seed ' + str(info.seed) + ')' if info.subset else ''}, "
                          f"{_ball(info.threat)}; " + '; '.join(info.attacks[k] for k in info.attacks if k != 'clean') + '.')
-    warns = [(m, w) for m, info in infos for w in info.warnings]
+    warns = [(m, w) for m, (_, _, info) in rows.items() for w in _warnings_of(given[m], info)]
     lines += ['', '## Warnings', '']
     lines += [f"- **{m}**: {w}" for m, w in warns] if warns else ['None: no sign of gradient masking in these numbers.']
     if plots:
@@ -835,7 +847,8 @@ def save_report(results:dict, # model name -> `RobustResult`, its `.to_dict()`, 
             p = Path(p)
             rel = p.relative_to(path) if p.is_absolute() and path.resolve() in p.resolve().parents else p
             lines.append(f"![{p.stem}]({rel.as_posix()})")
-    metrics = dict(name=name, models={m: dict(_jsonable(info.to_dict() if info is not None else {}), numbers=nums, intervals=cis[m])
+    metrics = dict(name=name, models={m: dict(_jsonable(info.to_dict() if info is not None else {}), numbers=nums, intervals=cis[m],
+                                              warnings=_warnings_of(given[m], info))
                                       for m, (nums, _, info) in rows.items()},
                    alignment={m: {k: v for k, v in a.items() if not k.startswith('per_sample')} for m, a in alignment.items()},
                    columns=dict(PAPER_COLUMNS), extra=extra or {})
@@ -876,6 +889,11 @@ def _figure(figsize=(6, 4)):
     from matplotlib.figure import Figure
     return Figure(figsize=figsize, layout='constrained')
 
+def _wrap(title:str, width_in:float, fontsize:float=12)->str:
+    "`title` in lines that fit `width_in` inches at `fontsize` points: matplotlib cuts a long title at the figure's edge."
+    import textwrap
+    return textwrap.fill(str(title), max(16, int(width_in * 72 / (0.62 * fontsize))))
+
 def _save_fig(fig, path)->Path:
     path = Path(path)
     return atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
@@ -892,7 +910,7 @@ def plot_acc_vs_eps(curves:dict, # name -> (eps_list, accuracy_list), e.g. an `a
         ax.plot([e * 255 for e in eps], list(acc), marker='o', color=f"C{i % 10}", label=str(name))
         if getattr(c, 'noise', None):
             ax.plot([e * 255 for e in eps], list(c.noise), ls='--', lw=1, color=f"C{i % 10}", label=f"{name}: uniform noise")
-    ax.set_xlabel('ε (Linf radius, in 1/255 units)'); ax.set_ylabel(ylabel); ax.set_title(title)
+    ax.set_xlabel('ε (Linf radius, in 1/255 units)'); ax.set_ylabel(ylabel); ax.set_title(_wrap(title, 5))
     ax.set_ylim(-2, 102); ax.grid(alpha=0.3); ax.legend()
     return _save_fig(fig, path)
 
@@ -910,7 +928,7 @@ def plot_grad_cosines(per_sample_gc:dict, # name -> per-sample cosines (e.g. `gr
         ax.hist(gc, bins=edges, alpha=0.5, color=c, label=f"{name} (GC = {gc.mean():.3f})")
         ax.axvline(gc.mean(), color=c, ls='--', lw=1)
     ax.set_xlabel('cos(∇ₓ CE teacher, ∇ₓ CE student) (unitless, per sample)'); ax.set_ylabel('number of samples')
-    ax.set_title(title); ax.set_xlim(-1, 1); ax.legend()
+    ax.set_title(_wrap(title, 5)); ax.set_xlim(-1, 1); ax.legend()
     return _save_fig(fig, path)
 
 def plot_panels(panels:dict, # panel title -> {label: (x, y)} (lines) or {label: values} (histograms over [-1, 1])
@@ -930,9 +948,9 @@ def plot_panels(panels:dict, # panel title -> {label: (x, y)} (lines) or {label:
                 v = np.asarray(v, dtype=float)
                 ax.hist(v, bins=np.linspace(-1, 1, 41), alpha=0.5, color=c, label=f"{label} (mean {v.mean():.3f})")
                 ax.axvline(v.mean(), color=c, ls='--', lw=1)
-        ax.set_title(name); ax.set_xlabel(xlabel); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+        ax.set_title(_wrap(name, 3.6)); ax.set_xlabel(xlabel); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     axs[0].set_ylabel(ylabel)
-    if title: fig.suptitle(title)
+    if title: fig.suptitle(_wrap(title, 4.5 * n - 0.4))
     return _save_fig(fig, path)
 
 def _history(src):
@@ -956,7 +974,7 @@ def plot_training_curves(history, # a fastai `CSVLogger` file (history.csv), a `
                          path, # PNG file to write
                          title:str='Training curves', # figure title
                         )->Path:
-    "Losses, accuracies (%) and other metrics per epoch, in up to three panels; written to `path` as PNG."
+    "Losses, accuracies (%) and other metrics per epoch (numbered from 0, as in history.csv), in up to three panels; PNG at `path`."
     from matplotlib.ticker import MaxNLocator
     epochs, cols = _history(history)
     if not epochs: raise ValueError("The training history is empty: no epoch to plot.")
@@ -968,10 +986,11 @@ def plot_training_curves(history, # a fastai `CSVLogger` file (history.csv), a `
     for ax, (g, names) in zip(axs, groups.items()):
         for n in names:
             vals = [v * 100 for v in cols[n]] if g == 'acc' else cols[n]
-            ax.plot([e + 1 for e in epochs], vals, marker='o', label=n)
-        ax.set_xlabel('epoch'); ax.set_ylabel(ylabels[g]); ax.grid(alpha=0.3); ax.legend()
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
+            ax.plot(epochs, vals, marker='o', label=n)
+        ax.set_xlabel('epoch (from 0, as in history.csv)'); ax.set_ylabel(ylabels[g]); ax.grid(alpha=0.3); ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)   # whole epochs only, one run of one epoch included
+    fig.suptitle(_wrap(title, 5 * len(groups) - 0.4))
     return _save_fig(fig, path)
 
 # %% ../nbs/08_evaluate.ipynb #1ba746ef
@@ -988,18 +1007,21 @@ def paper_eval(model:nn.Module, # the classifier
                teacher:nn.Module|None=None, # adds GD, GC and the per-sample cosines against this teacher
                n_curve:int=0, # adds the PGD-20 accuracy against eps (`curve_radii`) on a seeded subset of this many images
               )->dict:
-    "The paper's numbers of `model`: clean/FGSM/PGD-20/C&W∞ on `dl`, AutoAttack on a subset, the image counts; optionally GD/GC and the eps curve."
+    "The paper's numbers of `model`: clean/FGSM/PGD-20/C&W∞ on `dl`, AutoAttack on a subset, the image counts, every masking warning; optionally GD/GC and the eps curve."
     res = robust_eval(model, dl, attacks=('clean', 'fgsm', 'pgd20', 'cw'), threat=threat, seed=seed)
     r = dict(res, n=res.n)   # the image counts give each accuracy its binomial interval in the report
+    warns = list(res.warnings)
     if n_aa:
         aa = robust_eval(model, dl, attacks=('aa',), threat=threat, n=min(n_aa, len(dl.dataset)), seed=seed)
-        r.update(aa=aa['aa'], n_aa=aa.n)
+        r.update(aa=aa['aa'], n_aa=aa.n); warns += aa.warnings
     if teacher is not None:
         al = grad_alignment(model, teacher, dl, seed=seed)
         r.update(gd=al['gd'], gc=al['gc'], per_sample_gc=[float(v) for v in al['per_sample_gc']])
     if n_curve:
         c = accuracy_vs_eps(model, dl, eps_list=curve_radii(threat.eps), n=n_curve, seed=seed, progress=False)
         r['curve'] = dict(eps=[float(e) for e in c.eps], acc=[float(a) for a in c.accuracy], noise=[float(a) for a in c.noise])
+        warns += c.warnings
+    r['warnings'] = list(dict.fromkeys(warns))   # the reports list them: a hidden masking warning is the worst wrong answer
     return r
 
 COMPARE_COLUMNS = (*PAPER_COLUMNS[:5], ('gd', 'GD ↓'), ('gc', 'GC ↑'), ('seconds_per_epoch', 's/epoch')) # the columns of `compare_table`
@@ -1017,10 +1039,37 @@ def compare_table(teacher:Mapping, # the teacher's numbers, with its 'name'
     return md + '\nIGDM minus the base method (accuracies in percentage points; GD and GC in their own units):\n\n' + \
            markdown_table(pairs, COMPARE_COLUMNS, 'Method', digits, sign=True)
 
+def _warnings_md(models:Mapping)->str:
+    "compare.md's section of evaluation warnings (gradient masking, AutoAttack's checks), one line per model and warning."
+    warns = [f"- **{m}**: {w}\n" for m, r in models.items() for w in r.get('warnings') or []]
+    return "\n## Evaluation warnings\n\n" + (''.join(warns) if warns else "None: no sign of gradient masking in these numbers.\n")
+
+def _compare_plots(path, teacher, rows, agg, of_seeds=None)->list:
+    "The eps curves and GC histograms of a comparison, one panel per method; over several seeds (`of_seeds`) the mean curve and all cosines."
+    methods, plots = list(dict.fromkeys(r['method'] for r in rows)), []
+    variants = lambda m: {ig: [r for r in rows if r['method'] == m and r['igdm'] == ig] for ig in (False, True)}
+    name = lambda m, ig: '+IGDM' if ig else m
+    def curve(rs):
+        "Radii in 1/255 units and the mean accuracy over `rs` (one row per seed, the same radii)."
+        return [e * 255 for e in rs[0]['curve']['eps']], list(np.mean([r['curve']['acc'] for r in rs], axis=0))
+    if all('curve' in r for r in [teacher, *rows]):
+        panels = {m.upper(): {**{name(m, ig): curve(rs) for ig, rs in variants(m).items() if rs},
+                              f"teacher ({teacher['name']})": curve([teacher])} for m in methods}
+        plots.append(plot_panels(panels, path/'acc_vs_eps.png', 'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
+                                 title='Robust accuracy against the attack radius, with and without IGDM'
+                                       + (f' (mean over seeds {of_seeds})' if of_seeds else '')))
+    panels = {m.upper(): {name(m, ig): np.concatenate([np.asarray(r['per_sample_gc'], dtype=float) for r in rs])
+                          for ig, rs in variants(m).items() if rs} for m in methods}
+    plots.append(plot_panels(panels, path/'grad_cosines.png', 'cosine of student and teacher input gradients', 'samples',
+                             kind='hist', title='Gradient cosine (GC) with the teacher, with and without IGDM'
+                                                + (f' (seeds {of_seeds} pooled)' if of_seeds else '')))
+    if of_seeds: plots.append(plot_seeds(agg, path/'seeds.png', title='Each seed, with the mean and its 95% t interval'))
+    return plots
+
 def save_compare(path, # the comparison folder
                  teacher:Mapping, # the teacher's numbers with its 'name' (and its 'curve' for the eps plot)
                  rows:Sequence[Mapping], # one per (seed, method, igdm): 'seed', 'method', 'igdm', the numbers, 'per_sample_gc', optional 'curve'
-                 seeds:Sequence[int], # the student seeds, in order (the plots and the single-seed tables show the first)
+                 seeds:Sequence[int], # the student seeds, in order (the table of one seed shows the first; the plots and report.md, every seed)
                  notes:str='', # the paragraph under the title
                  config:dict|None=None, # the comparison's settings, kept in compare.json and metrics.json
                  seconds:dict|None=None, # training seconds outside the variants (e.g. of the teacher)
@@ -1030,26 +1079,20 @@ def save_compare(path, # the comparison folder
     slim = lambda r: {k: v for k, v in r.items() if k not in ('per_sample_gc', 'curve', 'warnings')}
     agg = aggregate_compare([slim(r) for r in rows], seeds=list(seeds))
     result = dict(config=config, seeds=list(seeds), teacher=slim(teacher), rows=[slim(r) for r in rows], aggregate=agg, seconds=seconds or {})
-    first, of_seed = [r for r in rows if r['seed'] == seeds[0]], f' (seed {seeds[0]})' if multi else ''
+    first, of_seeds = [r for r in rows if r['seed'] == seeds[0]], ', '.join(map(str, seeds))
+    label = lambda r: f"{r['method']}{'+IGDM' if r['igdm'] else ''}" + (f", seed {r['seed']}" if multi else '')
+    models = {f"teacher ({teacher['name']})": teacher, **{label(r): r for r in (rows if multi else first)}}
     md = f"# igdmfast compare\n\n{notes}\n\n"
     if multi: md += "## Over seeds\n\n" + compare_markdown(agg) + f"\n\n## Seed {seeds[0]}\n\n"
     md += compare_table(teacher, first)
     if not multi: md += "\n" + " ".join(agg.get('notes', [])) + "\n"
-    methods, plots = list(dict.fromkeys(r['method'] for r in rows)), []
-    if all('curve' in r for r in [teacher, *first]):
-        to255 = lambda c: ([e * 255 for e in c['eps']], c['acc'])
-        panels = {m.upper(): {**{('+IGDM' if r['igdm'] else m): to255(r['curve']) for r in first if r['method'] == m},
-                              f"teacher ({teacher['name']})": to255(teacher['curve'])} for m in methods}
-        plots.append(plot_panels(panels, path/'acc_vs_eps.png', 'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
-                                 title='Robust accuracy against the attack radius, with and without IGDM' + of_seed))
-    panels = {m.upper(): {('+IGDM' if r['igdm'] else m): r['per_sample_gc'] for r in first if r['method'] == m} for m in methods}
-    plots.append(plot_panels(panels, path/'grad_cosines.png', 'cosine of student and teacher input gradients', 'samples',
-                             kind='hist', title='Gradient cosine (GC) with the teacher, with and without IGDM' + of_seed))
-    if multi: plots.append(plot_seeds(agg, path/'seeds.png', title='Each seed, with the mean and its 95% t interval'))
+    md += _warnings_md(models)
+    plots = _compare_plots(path, teacher, rows, agg, of_seeds if multi else None)
     _write_text(path/'compare.md', md + '\n' + ''.join(f"![{p.stem}]({p.name})\n\n" for p in plots))
     _write_text(path/'compare.json', json.dumps(result, indent=2))
-    label = lambda r: f"{r['method']}{'+IGDM' if r['igdm'] else ''}"
-    keep = lambda r: {**{k: r.get(k) for k in cols}, 'n': r.get('n'), 'n_aa': r.get('n_aa')}
-    save_report({f"teacher ({teacher['name']})": keep(teacher), **{label(r): keep(r) for r in first}},
-                path, name='igdmfast compare', plots=[p.name for p in plots], extra=dict(config=config, seeds=list(seeds)))
+    keep = lambda r: {**{k: r.get(k) for k in cols}, 'n': r.get('n'), 'n_aa': r.get('n_aa'), 'warnings': list(r.get('warnings') or [])}
+    save_report({m: keep(r) for m, r in models.items()}, path, name='igdmfast compare', plots=[p.name for p in plots],
+                notes=(f"One row per variant and seed ({of_seeds}); compare.md gives the means over seeds with their intervals, "
+                       "and the plots show every seed (the mean curve, the cosines of all seeds pooled).") if multi else None,
+                extra=dict(config=config, seeds=list(seeds)))
     return result
