@@ -618,6 +618,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'igdmfast.models._strip': ('models.html#_strip', 'igdmfast/models.py'),
                                  'igdmfast.models._teacher_dir': ('models.html#_teacher_dir', 'igdmfast/models.py'),
                                  'igdmfast.models._unpack': ('models.html#_unpack', 'igdmfast/models.py'),
+                                 'igdmfast.models._weights_cfg': ('models.html#_weights_cfg', 'igdmfast/models.py'),
                                  'igdmfast.models._wrn': ('models.html#_wrn', 'igdmfast/models.py'),
                                  'igdmfast.models.cifar_stem': ('models.html#cifar_stem', 'igdmfast/models.py'),
                                  'igdmfast.models.dm_wrn28_10': ('models.html#dm_wrn28_10', 'igdmfast/models.py'),

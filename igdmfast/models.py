@@ -73,17 +73,28 @@ class CifarNet(nn.Module):
         self._init_head(self.num_features, num_classes, self._head_bias)
 
 # %% ../nbs/03_models.ipynb #18653633
-_TIMM_EXTRAS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_strict')
+_TIMM_EXTRAS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'pretrained_strict', 'pretrained_model_args')
+
+_WEIGHT_KEYS = ('file', 'state_dict', 'hf_hub_id', 'url')   # where a `pretrained_cfg` says the weights are
+
+def _weights_cfg(name, kwargs):
+    "The `pretrained_cfg` (its overlay applied) of `pretrained=True`: it must say where the weights are (`igdmfast export`'s folder)."
+    cfg = kwargs.get('pretrained_cfg')
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg) if isinstance(cfg, Mapping) else {}
+    cfg.update(kwargs.get('pretrained_cfg_overlay') or {})
+    if not any(cfg.get(k) for k in _WEIGHT_KEYS):
+        raise ValueError(f"No pretrained weights are bundled for {name!r}: igdmfast ships architectures only. "
+                         f"Load a checkpoint with `load_teacher(path, arch={name!r})` instead, or a folder of `igdmfast export` "
+                         "with timm.create_model('local-dir:FOLDER', pretrained=True) or `load_student(FOLDER)`.")
+    return cfg
 
 def _entry_options(name, pretrained, kwargs):
-    "Check an entry point's `pretrained` flag and extra kwargs; return the `device`/`dtype` timm may pass."
-    if pretrained:
-        raise ValueError(f"No pretrained weights are bundled for {name!r}: igdmfast ships architectures only. "
-                         f"Load a checkpoint with `load_teacher(path, arch={name!r})` instead.")
+    "Check an entry point's `pretrained` flag and extra kwargs; return the `device`/`dtype` timm may pass (and where the weights are)."
+    weights = _weights_cfg(name, kwargs) if pretrained else None
     kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_EXTRAS}
     to = {k: kwargs.pop(k) for k in ('device', 'dtype') if k in kwargs}
     if kwargs: raise TypeError(f"{name}() got unexpected option(s) {sorted(kwargs)}; see `help({name})` for what it accepts.")
-    return to
+    return dict(to, weights=weights) if weights else to
 
 def _norm_args(mean, std):
     "The constructor arguments that record a fixed input normalization (none when `mean` is None), as plain tuples."
@@ -100,6 +111,13 @@ def _finish(model, name, to, **args):
         mean=(0.,)*c, std=(1.,)*c,  # inputs are [0,1] images; normalization, if any, is a layer of the model
         interpolation='bilinear', crop_pct=1.0)
     model._model_args = args
+    to = dict(to)
+    weights = to.pop('weights', None)
+    if weights:   # timm's own loader (strict): a local folder, a file, a state dict or the Hub
+        from timm.models import load_pretrained
+        cfg = {**model.pretrained_cfg, **{k: v for k, v in weights.items() if v is not None and k != 'state_dict'}}
+        load_pretrained(model, dict(cfg, state_dict=weights.get('state_dict')), num_classes=model.num_classes, in_chans=c)
+        model.pretrained_cfg = model.default_cfg = cfg
     if to: model.to(**to)
     return model
 
