@@ -230,6 +230,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'igdmfast.cli.compare': ('cli.html#compare', 'igdmfast/cli.py'),
                               'igdmfast.cli.evaluate': ('cli.html#evaluate', 'igdmfast/cli.py'),
                               'igdmfast.cli.main': ('cli.html#main', 'igdmfast/cli.py'),
+                              'igdmfast.cli.recalibrate': ('cli.html#recalibrate', 'igdmfast/cli.py'),
                               'igdmfast.cli.teacher': ('cli.html#teacher', 'igdmfast/cli.py'),
                               'igdmfast.cli.train': ('cli.html#train', 'igdmfast/cli.py')},
             'igdmfast.core': { 'igdmfast.core.Normalize': ('core.html#normalize', 'igdmfast/core.py'),

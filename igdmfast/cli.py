@@ -14,7 +14,7 @@ from .runs import *
 from .evaluate import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
 # %% auto #0
-__all__ = ['train', 'teacher', 'evaluate', 'compare', 'main']
+__all__ = ['train', 'teacher', 'evaluate', 'compare', 'recalibrate', 'main']
 
 # %% ../nbs/10_cli.ipynb #aa9347bd
 def _run_options(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
@@ -277,6 +277,51 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
         print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, plots, one folder per variant)")
         return res
 
+# %% ../nbs/10_cli.ipynb #15b9b70e
+def recalibrate(run:str, # a `train` run folder: its config.json and student.pt (and teacher.pt when the teacher was trained there)
+                on:str='adv', # recompute on 'adv': the method's x′ against the student, what training forwarded; or 'clean' training images
+                out:str|None=None, # the new folder (required): student.pt with the recomputed statistics, and config.json
+                seed:int=0, # seed of the pass (its order is the training images', augmentation and attack starts seeded)
+                force:bool=False, # replace an earlier recalibration in --out
+                device:str='auto', # cpu, cuda, cuda:N or auto
+               )->dict:
+    "Recompute a trained student's BatchNorm running statistics (its weights unchanged) on the method's x′ or on clean images."
+    from igdmfast.callback.adversarial import recalibrate_bn, RECALIBRATE_ON
+    from igdmfast.learner import distill_learner, adv_learner
+    from igdmfast.models import read_checkpoint, save_weights
+    if out is None: raise CLIError("igdmfast recalibrate-bn needs --out DIR: a new folder for the recalibrated student.")
+    if on not in RECALIBRATE_ON: raise CLIError(f"--on must be one of {', '.join(RECALIBRATE_ON)}, got {on!r}.")
+    check_seed(seed)
+    run, dev = Path(run), parse_device(device)
+    if not (run/'config.json').is_file() or not (run/'student.pt').is_file():
+        raise CLIError(f"{run} is not a finished train run: it needs config.json and student.pt (the --out of igdmfast train).")
+    cfg = json.loads((run/'config.json').read_text())
+    if cfg.get('command') != 'train':
+        raise CLIError(f"{run} holds an igdmfast {cfg.get('command')} run: recalibrate-bn takes the folder of igdmfast train.")
+    teacher_file = run/'teacher.pt' if cfg['teacher'] == 'auto' else None
+    with RunFolder(out, force=force, inputs=[run/'student.pt', teacher_file], resumable=False) as rf:
+        seed_everything(seed)
+        dls = run_dls(cfg, dev)
+        student = load_model_arg(run/'student.pt', None, '--arch').to(dev)
+        teacher = (load_model_arg(teacher_file, None, '--teacher-arch') if teacher_file else
+                load_teacher_arg(cfg['teacher'], dev, cfg.get('teacher_arch'), cfg['data'], cfg.get('teacher_dir'), dls.c))
+        out = rf.claim(dict(run_settings(dict(run=str(run), on=on, seed=seed, device=device), 'recalibrate-bn', dev),
+                            method=cfg['method'], inner=cfg.get('inner')))
+        threat = parse_threat(cfg['eps'], cfg.get('step'), cfg['steps'])
+        prec = dict(bf16=bool(cfg.get('bf16')), attack_dtype=cfg.get('attack_dtype', 'auto'))
+        learn = (distill_learner(teacher, student, dls, method=cfg['method'], igdm=False, threat=threat, inner=cfg.get('inner'),
+                                 check_teacher=False, **prec) if teacher is not None else
+                 adv_learner(student, dls, method=cfg['method'], threat=threat, **prec))
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        recalibrate_bn(learn, on=on, seed=seed)
+        moved = sum(not torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+        _, header = read_checkpoint(run/'student.pt')
+        save_weights(student, out/'student.pt', arch=header.get('arch'), **header.get('meta', {}), recalibrated_bn=on, recalibrated_seed=seed)
+        print(f"Recomputed BatchNorm's running statistics of {run/'student.pt'} on {'the method' + chr(39) + 's x′' if on == 'adv' else 'clean images'} "
+              f"({len(dls.train.dataset)} training images; {moved} buffers changed, the weights kept).")
+        print(f"Student: {out/'student.pt'}  (evaluate it with: igdmfast eval {out/'student.pt'} --data {cfg['data']} --eps {cfg['eps']:g})")
+        return dict(out=str(out), on=on, moved=moved)
+
 # %% ../nbs/10_cli.ipynb #02f85a08
 _TYPES = dict(int=int, float=float, str=str)
 
@@ -294,7 +339,7 @@ def _add_options(p, f):
             p.add_argument(flag, dest=name, action=action, default=d['default'], help=help)
         else: p.add_argument(flag, dest=name, type=_TYPES.get(kind, str), default=d['default'], help=help)
 
-_COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate)
+_COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate, **{'recalibrate-bn': recalibrate})
 
 def _parser():
     "The `igdmfast` parser: a subcommand per command function, its options built from the function's signature."
