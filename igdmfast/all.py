@@ -11,3 +11,4 @@ from .callback.checkpoint import *
 from .evaluate import *
 from .distributed import *
 from .stats import *
+from .export import *

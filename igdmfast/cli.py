@@ -14,7 +14,7 @@ from .runs import *
 from .evaluate import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
 # %% auto #0
-__all__ = ['train', 'teacher', 'evaluate', 'compare', 'recalibrate', 'main']
+__all__ = ['train', 'teacher', 'evaluate', 'compare', 'export', 'recalibrate', 'main']
 
 # %% ../nbs/10_cli.ipynb #aa9347bd
 def _run_options(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
@@ -277,6 +277,27 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
         print(f"Comparison: {out/'compare.md'}  (compare.json, metrics.json, report.md, plots, one folder per variant)")
         return res
 
+# %% ../nbs/10_cli.ipynb #e7a0c3d1
+def export(run:str, # the run folder to export (the --out of `igdmfast train`, or of `igdmfast teacher`)
+           out:str|None=None, # the export folder (required): model.safetensors, config.json, README.md, robustbench.json, model.onnx
+           force:bool=False, # replace an earlier export in --out
+           allow_unfinished:bool=False, # export a run without metrics.json, or half-finished, from its last saved weights (the card says so)
+           onnx:bool=True, # write model.onnx, checked with onnxruntime against PyTorch (needs pip install -e '.[export]')
+           n_check:int|None=None, # check model.onnx on the first this many validation images (default: all of the run's)
+          )->dict:
+    "Export a run's model: safetensors and a timm config.json, a model card, RobustBench's model_info, a checked ONNX file."
+    from igdmfast.export import export_student
+    if out is None: raise CLIError("igdmfast export needs --out DIR: a new folder for the exported model.")
+    if n_check is not None and n_check < 1: raise CLIError(f"--n-check must be at least 1 (or left out for every validation image), got {n_check}.")
+    r = export_student(run, out, force=force, allow_unfinished=allow_unfinished, onnx=onnx, n_check=n_check)
+    if r['onnx']:
+        k = r['onnx']
+        print(f"ONNX check on {k['n']} validation images: max |Δ logit| {k['max_abs_diff']:.3g} (tolerance {k['tolerance']:.3g}), "
+              f"the same class on {k['argmax_agree']} of {k['n']}.")
+    for f, size in r['files'].items(): print(f"  {f}  {size} bytes")
+    print(f"Exported: {r['out']}  (load it with igdmfast.export.load_student, or timm.create_model('local-dir:{r['out']}', pretrained=True))")
+    return r
+
 # %% ../nbs/10_cli.ipynb #15b9b70e
 def recalibrate(run:str, # a `train` run folder: its config.json and student.pt (and teacher.pt when the teacher was trained there)
                 on:str='adv', # recompute on 'adv': the method's x′ against the student, what training forwarded; or 'clean' training images
@@ -339,7 +360,7 @@ def _add_options(p, f):
             p.add_argument(flag, dest=name, action=action, default=d['default'], help=help)
         else: p.add_argument(flag, dest=name, type=_TYPES.get(kind, str), default=d['default'], help=help)
 
-_COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate, **{'recalibrate-bn': recalibrate})
+_COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate, export=export, **{'recalibrate-bn': recalibrate})
 
 def _parser():
     "The `igdmfast` parser: a subcommand per command function, its options built from the function's signature."
