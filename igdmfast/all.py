@@ -9,6 +9,9 @@ from .callback.adversarial import *
 from .learner import *
 from .callback.checkpoint import *
 from .evaluate import *
+from .alignment import *
+from .plots import *
+from .report import *
 from .distributed import *
 from .stats import *
 from .export import *

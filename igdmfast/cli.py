@@ -11,7 +11,7 @@ from fastcore.basics import AttrDict
 from fastcore.meta import delegates
 from .core import seed_everything
 from .runs import *
-from .evaluate import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
+from .report import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
 # %% auto #0
 __all__ = ['train', 'teacher', 'evaluate', 'compare', 'export', 'recalibrate', 'main']
@@ -85,7 +85,9 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
           **kwargs)->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from igdmfast.methods import get_method
-    from igdmfast.evaluate import grad_alignment, save_report, plot_grad_cosines, plot_training_curves
+    from igdmfast.alignment import grad_alignment
+    from igdmfast.report import save_report
+    from igdmfast.plots import plot_grad_cosines, plot_training_curves
     o = _options(train, locals())
     sched, prec = check_training(o)
     get_method(method)   # fail fast, before any training
@@ -125,7 +127,8 @@ def teacher(arch:str='small_cnn', # the teacher's architecture: any registered o
             **kwargs)->dict:
     "Adversarially train a teacher (PGD-AT or TRADES), evaluate it and save `teacher.pt` in the run folder."
     from igdmfast.methods import get_method
-    from igdmfast.evaluate import save_report, plot_training_curves
+    from igdmfast.report import save_report
+    from igdmfast.plots import plot_training_curves
     o = _options(teacher, locals())
     sched, prec = check_training(o)
     if get_method(method).uses_teacher:
@@ -171,7 +174,10 @@ def evaluate(model:str, # checkpoint of the model to evaluate
              attack_dtype:str='fp32', # precision of FGSM, PGD and C&W: fp32 (the default, as published numbers are), bf16 or fp16 (AutoAttack stays fp32)
             )->dict:
     "Evaluate a saved model with the paper's attacks (and GD/GC against a teacher); write a report."
-    from igdmfast.evaluate import robust_eval, grad_alignment, save_report, accuracy_vs_eps, plot_acc_vs_eps, checkpoint_input_size
+    from igdmfast.evaluate import robust_eval, accuracy_vs_eps, checkpoint_input_size
+    from igdmfast.alignment import grad_alignment
+    from igdmfast.report import save_report
+    from igdmfast.plots import plot_acc_vs_eps
     o = _options(evaluate, locals())
     for f in [model] + ([teacher] if teacher else []):
         if not Path(f).is_file(): raise FileNotFoundError(f"Checkpoint {f!r} not found.")
@@ -225,7 +231,7 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
             **kwargs)->dict:
     "Distill the same student with each method with and without IGDM; one table in the paper's layout, plots side by side."
     from igdmfast.methods import get_method
-    from igdmfast.evaluate import plot_training_curves
+    from igdmfast.plots import plot_training_curves
     from igdmfast.stats import compare_markdown
     o = _options(compare, locals())
     sched, prec = check_training(o)

@@ -711,7 +711,7 @@ def measured(run_dir, # the variant's folder (the teacher's: the comparison's)
              teacher=None, # adds GD/GC against this teacher
             )->dict:
     "`evaluate.paper_eval` of `model` (+GD/GC against `teacher`, + the eps curve), cached in `run_dir/result.json` for a resumed comparison."
-    from igdmfast.evaluate import paper_eval
+    from igdmfast.report import paper_eval
     f = Path(run_dir)/'result.json'
     if resume and f.is_file(): return json.loads(f.read_text())
     r = paper_eval(model, dls.valid, threat, o['n_aa'], o['seed'], teacher=teacher, n_curve=o['n_curve'])

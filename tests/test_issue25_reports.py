@@ -14,6 +14,8 @@ import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
 
 import igdmfast.cli as cli
 import igdmfast.evaluate as E
+import igdmfast.plots as P
+import igdmfast.report as R
 from igdmfast.core import seed_everything
 from igdmfast.data import get_dls
 from igdmfast.models import CheckpointError, load_teacher, robustbench_path, save_weights, small_cnn
@@ -114,9 +116,9 @@ def test_item6_multi_seed_report_and_plots_show_every_seed(tmp_path, monkeypatch
     teacher = dict(name='t.pt', clean=90., fgsm=60., pgd20=50., cw=47.5, aa=None, n=40, warnings=[],
                    curve=dict(eps=[0, 8/255], acc=[90., 50.], noise=[90., 88.]))
     panels = {}
-    real = E.plot_panels
-    monkeypatch.setattr(E, 'plot_panels', lambda p, path, *a, **k: panels.setdefault(path.name, (p, k.get('title'))) and real(p, path, *a, **k))
-    E.save_compare(tmp_path, teacher, rows, [0, 1], 'notes')
+    real = R.plot_panels
+    monkeypatch.setattr(R, 'plot_panels', lambda p, path, *a, **k: panels.setdefault(path.name, (p, k.get('title'))) and real(p, path, *a, **k))
+    R.save_compare(tmp_path, teacher, rows, [0, 1], 'notes')
     report = (tmp_path/'report.md').read_text()
     for s in (0, 1):
         for v in ('ard', 'ard+IGDM'): assert f'| {v}, seed {s} |' in report, report
@@ -175,8 +177,8 @@ def test_item12_no_bar_fragments_and_one_line_warnings(masked_compare, net, caps
 
 def _figures(monkeypatch):
     "Capture the figures the plotting functions save."
-    figs, real = [], E._save_fig
-    monkeypatch.setattr(E, '_save_fig', lambda fig, path: figs.append(fig) or real(fig, path))
+    figs, real = [], P._save_fig
+    monkeypatch.setattr(P, '_save_fig', lambda fig, path: figs.append(fig) or real(fig, path))
     return figs
 
 
@@ -191,12 +193,12 @@ def _texts_inside(fig):
 
 def test_item13_titles_fit_and_epochs_count_as_in_history(tmp_path, monkeypatch):
     figs = _figures(monkeypatch)
-    E.plot_panels({'ARD': {'ard': ([0, 8, 16], [80, 40, 20]), '+IGDM': ([0, 8, 16], [82, 44, 22])}}, tmp_path/'a.png',
+    P.plot_panels({'ARD': {'ard': ([0, 8, 16], [80, 40, 20]), '+IGDM': ([0, 8, 16], [82, 44, 22])}}, tmp_path/'a.png',
                   'ε (Linf, in 1/255 units)', 'PGD-20 accuracy (%)',
                   title='Robust accuracy against the attack radius, with and without IGDM (mean over seeds 0, 1, 2, 3, 4)')
     assert _texts_inside(figs[-1]) == []
     (tmp_path/'history.csv').write_text('epoch,train_loss,valid_loss,accuracy,time\n0,2.1,2.0,0.3,00:01\n')
-    E.plot_training_curves(tmp_path/'history.csv', tmp_path/'t.png',
+    P.plot_training_curves(tmp_path/'history.csv', tmp_path/'t.png',
                            title='Training curves of a student distilled with ARD + IGDM from a robust teacher, one epoch')
     fig = figs[-1]
     assert _texts_inside(fig) == []

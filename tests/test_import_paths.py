@@ -1,0 +1,38 @@
+"""Issue #27 split `igdmfast.evaluate` (and later `runs` and `models`) into modules of one concern each. For one release every
+public name keeps working from its old module: `from igdmfast.evaluate import grad_alignment` still gives
+`igdmfast.alignment.grad_alignment`. Each name below is what the old module's `__all__` held before the split."""
+import importlib
+import pytest
+
+OLD = {
+    'igdmfast.evaluate': ['CW_STEPS', 'EPS_GRID', 'PAPER_COLUMNS', 'COMPARE_COLUMNS', 'check_input_size', 'checkpoint_input_size',
+                          'EvalBatches', 'eval_batches', 'EvalAttack', 'parse_attack', 'RobustResult', 'EvaluationWarning',
+                          'masking_warnings', 'curve_warnings', 'robust_eval', 'AccVsEps', 'accuracy_vs_eps', 'input_gradients',
+                          'grad_alignment', 'taylor_remainder', 'pointwise_distance', 'RobustAccuracy', 'GradCosine', 'GradDistance',
+                          'markdown_table', 'save_report', 'paper_table', 'plot_acc_vs_eps', 'plot_grad_cosines', 'plot_panels',
+                          'plot_training_curves', 'curve_radii', 'paper_eval', 'compare_table', 'save_compare'],
+}
+IN_ALL = {'igdmfast.evaluate'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
+
+CASES = [(m, n) for m, names in OLD.items() for n in names]
+
+@pytest.mark.parametrize('module,name', CASES, ids=[f'{m}.{n}' for m, n in CASES])
+def test_old_import_path(module, name):
+    "`from <old module> import <name>` works and gives the object of its new home (also exported by `igdmfast.all`)."
+    obj = getattr(importlib.import_module(module), name)
+    if module in IN_ALL: assert getattr(importlib.import_module('igdmfast.all'), name) is obj
+    home = getattr(obj, '__module__', None)
+    if home and home.startswith('igdmfast.'): assert getattr(importlib.import_module(home), name) is obj
+
+def test_from_import_statement():
+    "The `from ... import ...` statement itself (not only `getattr`)."
+    ns = {}
+    exec('from igdmfast.evaluate import grad_alignment, save_report, plot_panels, robust_eval', ns)
+    from igdmfast.alignment import grad_alignment
+    from igdmfast.plots import plot_panels
+    from igdmfast.report import save_report
+    assert (ns['grad_alignment'], ns['save_report'], ns['plot_panels']) == (grad_alignment, save_report, plot_panels)
+
+def test_unknown_name_still_fails():
+    for m in OLD:
+        with pytest.raises(ImportError): exec(f'from {m} import no_such_name', {})
