@@ -8,6 +8,7 @@ from .data import *
 from .callback.adversarial import *
 from .learner import *
 from .callback.checkpoint import *
+from .callback.averaging import *
 from .evaluate import *
 from .alignment import *
 from .plots import *

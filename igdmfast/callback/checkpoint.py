@@ -132,6 +132,19 @@ def _trackers_state(learn)->dict:
     return {cb.name: _plain({k: getattr(cb, k) for k in ('best', 'wait') if hasattr(cb, k)}, cb.name)
             for cb in learn.cbs if isinstance(cb, TrackerCallback)}
 
+def _stateful(learn)->dict:
+    "The learner's callbacks that keep their own state (a `checkpoint_state` method), by name."
+    out = {}
+    for cb in learn.cbs:
+        if not callable(getattr(type(cb), 'checkpoint_state', None)): continue
+        if cb.name in out: raise ValueError(f"Two callbacks named {cb.name!r} keep checkpoint state: give them different names.")
+        out[cb.name] = cb
+    return out
+
+def _callbacks_state(learn)->dict:
+    "Each stateful callback's `checkpoint_state()` (averaged weights, best weights, ...), by name, as plain values."
+    return {n: _plain(cb.checkpoint_state(), f"callbacks[{n!r}]") for n, cb in _stateful(learn).items()}
+
 def checkpoint_state(learn:Learner, # a learner at the end of an epoch (in `after_epoch`)
                      times=(), # seconds taken by each epoch so far, replayed in the log after a resume
                     )->dict:
@@ -147,6 +160,7 @@ def checkpoint_state(learn:Learner, # a learner at the end of an epoch (in `afte
         rng=_plain(rng_states(learn.dls), 'rng'),
         recorder=_recorder_state(learn),
         trackers=_trackers_state(learn),
+        callbacks=_callbacks_state(learn),
         times=[float(t) for t in times],
         fit=dict(n_epoch=int(learn.n_epoch), n_iter=len(learn.dls.train), n_train=len(learn.dls.train.dataset),
                  scheds=_sched_probe(learn), callbacks=[type(cb).__name__ for cb in learn.cbs]),
@@ -337,12 +351,22 @@ class ResumeFit(Callback):
         for k, v in ck.get('learner', {}).items():
             if k in now and now[k] != v: self._problem(f"the learner's {k} is {now[k]!r} but was {v!r}")
 
+    def _load_callbacks(self):
+        "Hand each stateful callback its saved state (`load_checkpoint_state`), after its own `before_fit` reset it."
+        saved, now = self.ck.get('callbacks', {}), _stateful(self.learn)
+        for n in sorted(set(saved) - set(now)):
+            self._problem(f"the checkpoint holds the state of a callback {n!r} that this fit does not have: add the same callback")
+        for n in sorted(set(now) - set(saved)):
+            self._problem(f"this fit has a callback {n!r} whose state the checkpoint does not hold: it would start from nothing")
+        for n in sorted(set(saved) & set(now)): now[n].load_checkpoint_state(saved[n])
+
     def _wrong_start(self, k): self._problem(f"start_epoch={k} was passed but the checkpoint continues at epoch {self.start}")
 
     def before_fit(self):
         self.active = not _not_a_fit(self.learn)   # a `validate()` between the resume and the fit leaves it pending
         if not self.active: return
         self._check()
+        self._load_callbacks()
         self.restored, self.first = False, None
         if self.learn.opt is not self._opt: self.load_weights()   # a fit that built a new optimizer (`reset_opt=True`)
 
