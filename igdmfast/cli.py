@@ -10,11 +10,22 @@ import torch
 from fastcore.basics import AttrDict
 from fastcore.meta import delegates
 from .core import seed_everything
-from .runs import *
+from .options import (CLIError, aa_note, check_model_name, check_seed, cpu_threads, is_main, n_processes, parse_device,
+                              parse_precision, parse_seeds, parse_threat)
+from .runfolder import RunFolder, run_config, write_json
+from .runs import (check_models, check_training, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
+                           probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir)
 from .report import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
 # %% auto #0
 __all__ = ['train', 'teacher', 'evaluate', 'compare', 'export', 'recalibrate', 'main']
+
+# %% ../nbs/10_cli.ipynb #2f7c1a27
+def __getattr__(name):
+    "A name of `igdmfast.runs` (now also `.options`, `.runfolder`) that this module re-exported before #27, for one release."
+    import igdmfast.runs as runs
+    if name in runs.__all__ or name in runs._MOVED: return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # %% ../nbs/10_cli.ipynb #aa9347bd
 def _run_options(data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder

@@ -247,7 +247,7 @@ def test_importing_igdmfast_prints_no_warning():
 
 def test_auto_threads_leave_out_the_busy_cores(monkeypatch):
     "A quiet 2-core machine gets 2 threads, one with a busy core 1 (2 threads there ran the main job ~3x slower)."
-    import igdmfast.runs as runs
+    import igdmfast.options as runs
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.setattr(runs.os, 'sched_getaffinity', lambda pid: {0, 1})
     for load, n in ((0.1, 2), (1.0, 1), (3.7, 1)):

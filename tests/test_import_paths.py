@@ -11,7 +11,16 @@ OLD = {
                           'grad_alignment', 'taylor_remainder', 'pointwise_distance', 'RobustAccuracy', 'GradCosine', 'GradDistance',
                           'markdown_table', 'save_report', 'paper_table', 'plot_acc_vs_eps', 'plot_grad_cosines', 'plot_panels',
                           'plot_training_curves', 'curve_radii', 'paper_eval', 'compare_table', 'save_compare'],
+    'igdmfast.runs': ['MAX_SEED', 'TEACHER_FILES', 'COMMAND_FILES', 'VARIANT_FILES', 'RUN_FILES', 'SAVED_WORK', 'LOCK_FILE',
+                      'MANIFEST_FILE', 'SAME_ON_RESUME', 'CACHED_EVAL', 'CLIError', 'n_processes', 'is_main', 'parse_device',
+                      'check_numbers', 'parse_threat', 'parse_schedule', 'parse_precision', 'check_seed', 'parse_seeds',
+                      'check_model_name', 'check_inner_arg', 'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note',
+                      'write_json', 'run_config', 'run_files', 'lock_holder', 'RunFolder', 'robustbench_datasets', 'teacher_files',
+                      'load_model_arg', 'load_teacher_arg', 'EpochLines', 'fit_epochs', 'learner_kwargs', 'build_model',
+                      'train_teacher', 'distill_student', 'check_training', 'check_models', 'probe_model', 'probe_models',
+                      'file_sha256', 'run_dls', 'run_settings', 'run_notes', 'variant_dir', 'measured'],
 }
+OLD['igdmfast.cli'] = OLD['igdmfast.runs']   # `from .runs import *` re-exported all of them from the command line's module
 IN_ALL = {'igdmfast.evaluate'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
 
 CASES = [(m, n) for m, names in OLD.items() for n in names]
@@ -32,6 +41,10 @@ def test_from_import_statement():
     from igdmfast.plots import plot_panels
     from igdmfast.report import save_report
     assert (ns['grad_alignment'], ns['save_report'], ns['plot_panels']) == (grad_alignment, save_report, plot_panels)
+    exec('from igdmfast.runs import RunFolder, CLIError, run_dls', ns)
+    from igdmfast.options import CLIError
+    from igdmfast.runfolder import RunFolder
+    assert (ns['RunFolder'], ns['CLIError']) == (RunFolder, CLIError)
 
 def test_unknown_name_still_fails():
     for m in OLD:
