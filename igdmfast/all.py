@@ -4,6 +4,7 @@ from .attacks import *
 from .losses import *
 from .methods import *
 from .models import *
+from .sources import *
 from .data import *
 from .callback.adversarial import *
 from .learner import *

@@ -4,38 +4,19 @@
 
 # %% ../nbs/04_data.ipynb #6fefa022
 from __future__ import annotations
-import os, math, warnings, tempfile, contextlib, functools, importlib
-from pathlib import Path
+import math, functools, importlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
-from fastai.data.external import untar_data, URLs
-from .core import check_images, check_labels, seed_everything, atomic_write
+from .core import check_images, check_labels
+from .sources import _canonical, stratified_subset, get_arrays
 
 # %% auto #0
-__all__ = ['DATASETS', 'IMG_EXTS', 'TINY_IMAGENET_URL', 'crop_flip_params', 'crop_flip', 'random_crop_flip', 'default_augment',
-           'TensorImageDataset', 'TensorImageLoader', 'LabelTypeError', 'tensor_dls', 'synth_dls', 'stratified_subset',
-           'save_npz', 'load_npz', 'load_images', 'folder_to_arrays', 'tiny_imagenet_to_arrays',
-           'torchvision_to_arrays', 'get_data_dir', 'download_dataset', 'dataset_path', 'get_arrays', 'get_dls']
-
-# %% ../nbs/04_data.ipynb #baceafb9
-DATASETS = {
-    'digits':        "scikit-learn's 1,797 real 8x8 handwritten digits, 1 channel, 10 classes; embedded, offline; "
-                     "fixed stratified split 1,437 train / 360 valid",
-    'mnist':         "MNIST handwritten digits, 28x28 grayscale, 10 classes, 60,000 train / 10,000 test (fastai URLs.MNIST)",
-    'fashion_mnist': "Fashion-MNIST clothing, 28x28 grayscale, 10 classes, 60,000 train / 10,000 test (torchvision)",
-    'cifar10':       "CIFAR-10, 32x32 RGB, 10 classes, 50,000 train / 10,000 test (fastai URLs.CIFAR)",
-    'cifar100':      "CIFAR-100, 32x32 RGB, 100 classes, 50,000 train / 10,000 test (fastai URLs.CIFAR_100)",
-    'svhn':          "SVHN house-number digits, 32x32 RGB, 10 classes, 73,257 train / 26,032 test (torchvision)",
-    'tiny_imagenet': "Tiny-ImageNet, 64x64 RGB, 200 classes, 100,000 train / 10,000 labelled val (cs231n zip via untar_data)",
-}
-_ALIASES = {'cifar_10': 'cifar10', 'cifar_100': 'cifar100', 'fmnist': 'fashion_mnist', 'fashionmnist': 'fashion_mnist',
-            'tinyimagenet': 'tiny_imagenet', 'tiny_imagenet_200': 'tiny_imagenet', 'sklearn_digits': 'digits'}
-
-def _canonical(name): s = str(name).lower().replace('-', '_'); return _ALIASES.get(s, s)
+__all__ = ['crop_flip_params', 'crop_flip', 'random_crop_flip', 'default_augment', 'TensorImageDataset', 'TensorImageLoader',
+           'LabelTypeError', 'tensor_dls', 'synth_dls', 'get_dls']
 
 # %% ../nbs/04_data.ipynb #d5d41379
 def crop_flip_params(n:int, # number of images in the batch
@@ -390,279 +371,6 @@ def synth_dls(n_train:int=256, # training images
     return tensor_dls(xt, yt, xv, yv, bs=bs, device=device, augment=augment, name='synth',
                       class_names=[f'class{i}' for i in range(n_classes)])
 
-# %% ../nbs/04_data.ipynb #9b181012
-def stratified_subset(y, # labels (N,) of the full set
-                      n:int, # how many to keep, 1..N
-                      seed:int=0, # seed of the choice within each class
-                     )->np.ndarray:
-    "Sorted indices of a seeded, class-stratified subset of size `n` of labels `y`."
-    y = np.asarray(y)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= len(y):
-        raise ValueError(f"Cannot take a subset of {n!r} images from a set of {len(y)}: use 1..{len(y)} (or None for all).")
-    classes, counts = np.unique(y, return_counts=True)
-    exact = n * counts / len(y)
-    quota = np.floor(exact).astype(np.int64)
-    quota[np.argsort(-(exact - quota), kind='stable')[:n - quota.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)])
-    return np.sort(idx)
-
-# %% ../nbs/04_data.ipynb #a37eb316
-def save_npz(path, # destination `.npz` file; its folder is created
-             x_train, y_train, # training images (uint8 NHWC / NHW) and labels
-             x_test=None, y_test=None, # test images and labels (optional)
-             class_names=None, # class names, index = label
-            )->Path:
-    "Write arrays in the shared `.npz` layout (compressed), through a temporary file and a rename (`atomic_write`)."
-    arrs = dict(x_train=np.asarray(x_train), y_train=np.asarray(y_train, dtype=np.int64))
-    if x_test is not None: arrs.update(x_test=np.asarray(x_test), y_test=np.asarray(y_test, dtype=np.int64))
-    if class_names is not None: arrs['class_names'] = np.array([str(c) for c in class_names])
-    return atomic_write(path, lambda f: np.savez_compressed(f, **arrs))
-
-def _open_npz(path):
-    "`np.load(path)` without pickles, with one clear message for a file that is not a readable `.npz`."
-    import zipfile
-    try: return np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}): it is corrupted, truncated or of another "
-                         "format. Write it again with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).") from None
-
-def load_npz(path)->dict:
-    "The arrays of an `.npz` file in the shared layout: `x_train`, `y_train`, `x_test`, `y_test` (None if absent), `class_names`."
-    import zipfile
-    path = Path(path).expanduser()
-    if not path.is_file(): raise FileNotFoundError(f"No such .npz file: {path}")
-    with _open_npz(path) as d:
-        keys = set(d.files)
-        if not {'x_train', 'y_train'} <= keys:
-            raise ValueError(f"{path} must hold arrays x_train and y_train (and x_test, y_test, class_names); it has {sorted(keys)}.")
-        if ('x_test' in keys) != ('y_test' in keys):
-            raise ValueError(f"{path} has only one of x_test and y_test; it needs both or neither.")
-        try:
-            res = {k: (d[k] if k in keys else None) for k in ('x_train', 'y_train', 'x_test', 'y_test')}
-            res['class_names'] = [str(c) for c in d['class_names']] if 'class_names' in keys else None
-        except ValueError as e:
-            if 'allow_pickle' not in str(e): raise
-            raise ValueError(f"{path} holds Python objects (an object array), which igdmfast never loads: unpickling an "
-                             "untrusted file could run code. Save numeric arrays only (images as uint8 or float, labels as "
-                             "integers).") from None
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}): it is corrupted or truncated. "
-                             "Write it again with numpy.savez.") from None
-    return res
-
-# %% ../nbs/04_data.ipynb #7145b948
-IMG_EXTS = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm'}
-_GRAY_MODES = {'1', 'L', 'LA', 'I', 'I;16', 'F'}
-
-def load_images(files, # image files
-                size=None, # resize every image to `size` (int or (H, W)); None: all images must have the same size
-                mode:str|None=None, # 'L' or 'RGB' (None: 'L' when every image is grayscale, else 'RGB')
-               )->np.ndarray:
-    "Decode `files` with PIL into one uint8 array, (N, H, W) grayscale or (N, H, W, 3) RGB."
-    from PIL import Image
-    files = [Path(f) for f in files]
-    if not files: raise ValueError("No image files to load.")
-    if mode is None:
-        modes = set()
-        for f in files:
-            with Image.open(f) as im: modes.add(im.mode)  # reads the header only
-        mode = 'L' if modes <= _GRAY_MODES else 'RGB'
-    if size is not None: hw = (size, size) if isinstance(size, int) else tuple(size)
-    arrs, first = [], None
-    for f in files:
-        with Image.open(f) as im:
-            im = im.convert(mode)
-            if size is not None and im.size != (hw[1], hw[0]): im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-        if first is None: first = (f, a.shape)
-        elif a.shape != first[1]:
-            raise ValueError(f"Images have different sizes: {first[0]} is {first[1][:2]} but {f} is {a.shape[:2]} (H, W). "
-                             "Pass size= to resize them all.")
-        arrs.append(a)
-    return np.stack(arrs)
-
-def _image_files(folder): return sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in IMG_EXTS and p.is_file())
-
-def folder_to_arrays(folder, # a folder with one subfolder per class
-                     size=None, # resize to `size` (int or (H, W)); None keeps the images' own (common) size
-                     classes=None, # class names in label order (None: the sorted subfolder names)
-                     label:str='top', # 'top': the first subfolder names the class; 'leaf': the folder holding the image
-                     mode:str|None=None, # 'L' or 'RGB' (None: detect)
-                    )->tuple:
-    "Images `x` (uint8), labels `y` (int64) and class names of an image folder `folder/<class>/*.png`."
-    folder = Path(folder).expanduser()
-    if not folder.is_dir(): raise FileNotFoundError(f"No such image folder: {folder}")
-    if label not in ('top', 'leaf'): raise ValueError(f"label must be 'top' or 'leaf', got {label!r}.")
-    files = _image_files(folder)
-    if not files: raise ValueError(f"No images ({', '.join(sorted(IMG_EXTS))}) found under {folder}.")
-    stray = [f for f in files if f.parent == folder]
-    if stray: raise ValueError(f"{folder} has images directly inside it (e.g. {stray[0].name}); put them in one subfolder per class.")
-    names = [f.relative_to(folder).parts[0] if label == 'top' else f.parent.name for f in files]
-    if label == 'leaf':
-        parents = {}
-        for f, n in zip(files, names): parents.setdefault(n, set()).add(f.parent)
-        dup = next((n for n, ps in parents.items() if len(ps) > 1), None)
-        if dup is not None: raise ValueError(f"Class folder name {dup!r} appears in several places under {folder}: {sorted(map(str, parents[dup]))}.")
-    classes = sorted(set(names)) if classes is None else [str(c) for c in classes]
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(names) - set(lookup))
-    if unknown: raise ValueError(f"{folder} has class folders {unknown[:5]} that are not among the {len(classes)} known classes.")
-    return load_images(files, size=size, mode=mode), np.array([lookup[n] for n in names], dtype=np.int64), classes
-
-# %% ../nbs/04_data.ipynb #6acf7a47
-def tiny_imagenet_to_arrays(root, # the extracted `tiny-imagenet-200` folder
-                           )->tuple:
-    "`(x_train, y_train, x_valid, y_valid, class_names)` of Tiny-ImageNet: train folders and the labelled val set."
-    root = Path(root).expanduser()
-    if not (root/'wnids.txt').is_file(): raise FileNotFoundError(f"{root} is not a Tiny-ImageNet folder: no {root/'wnids.txt'}.")
-    wnids = sorted(l.strip() for l in (root/'wnids.txt').read_text().splitlines() if l.strip())
-    xt, yt, _ = folder_to_arrays(root/'train', classes=wnids, mode='RGB')
-    ann = [l.split('\t')[:2] for l in (root/'val'/'val_annotations.txt').read_text().splitlines() if l.strip()]
-    lookup = {w: i for i, w in enumerate(wnids)}
-    xv = load_images([root/'val'/'images'/f for f, _ in ann], mode='RGB')
-    yv = np.array([lookup[w] for _, w in ann], dtype=np.int64)
-    names = wnids
-    if (root/'words.txt').is_file():
-        words = dict(l.split('\t', 1) for l in (root/'words.txt').read_text().splitlines() if '\t' in l)
-        short = [words.get(w, w).split(',')[0].strip() for w in wnids]
-        names = [s if short.count(s) == 1 else f'{s} ({w})' for s, w in zip(short, wnids)]
-    return xt, yt, xv, yv, names
-
-def torchvision_to_arrays(ds, # a torchvision dataset with `.data` and `.targets` (or `.labels`), e.g. FashionMNIST, SVHN
-                         )->tuple:
-    "Images `x` (uint8 NHWC or NHW), labels `y` (int64) and class names of an array-backed torchvision dataset."
-    x = ds.data.numpy() if isinstance(ds.data, Tensor) else np.asarray(ds.data)
-    if x.dtype != np.uint8: raise TypeError(f"{type(ds).__name__}.data has dtype {x.dtype}; expected uint8 images.")
-    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3): x = x.transpose(0, 2, 3, 1)  # SVHN is NCHW
-    if x.ndim == 4 and x.shape[-1] == 1: x = x[..., 0]
-    y = getattr(ds, 'targets', None)
-    if y is None: y = getattr(ds, 'labels')
-    y = np.asarray(y.numpy() if isinstance(y, Tensor) else y, dtype=np.int64)
-    classes = getattr(ds, 'classes', None)
-    classes = [str(c) for c in classes] if classes else [str(i) for i in range(int(y.max()) + 1)]
-    return np.ascontiguousarray(x), y, classes
-
-# %% ../nbs/04_data.ipynb #b45725a8
-TINY_IMAGENET_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
-_SOURCES = {
-    'mnist':         dict(kind='fastai', url='MNIST', train='training', valid='testing'),
-    'cifar10':       dict(kind='fastai', url='CIFAR', train='train', valid='test'),
-    'cifar100':      dict(kind='fastai', url='CIFAR_100', train='train', valid='test', label='leaf'),
-    'tiny_imagenet': dict(kind='tiny_imagenet'),
-    'fashion_mnist': dict(kind='torchvision', cls='FashionMNIST'),
-    'svhn':          dict(kind='torchvision', cls='SVHN'),
-}
-
-def get_data_dir(data_dir=None)->Path:
-    "The data folder: `data_dir`, else `$IGDMFAST_DATA`, else `~/.igdmfast/data`."
-    return Path(data_dir or os.environ.get('IGDMFAST_DATA') or '~/.igdmfast/data').expanduser()
-
-def download_dataset(name:str, # one of the downloadable `DATASETS` (all but 'digits')
-                     data_dir=None, # where the `.npz` goes (see `get_data_dir`)
-                    )->Path:
-    "Download dataset `name` (fastai `untar_data` or torchvision), convert it once to `{data_dir}/{name}.npz`; return that path."
-    name = _canonical(name)
-    if name not in _SOURCES: raise ValueError(f"Cannot download {name!r}: downloadable datasets are {sorted(_SOURCES)}.")
-    src, dest = _SOURCES[name], get_data_dir(data_dir)/f'{name}.npz'
-    if src['kind'] == 'fastai':
-        root = Path(untar_data(getattr(URLs, src['url'])))
-        xt, yt, names = folder_to_arrays(root/src['train'], label=src.get('label', 'top'))
-        xv, yv, _ = folder_to_arrays(root/src['valid'], classes=names, label=src.get('label', 'top'))
-    elif src['kind'] == 'tiny_imagenet':
-        xt, yt, xv, yv, names = tiny_imagenet_to_arrays(untar_data(TINY_IMAGENET_URL))
-    else:
-        cls = getattr(importlib.import_module('torchvision.datasets'), src['cls'])
-        raw = get_data_dir(data_dir)/'raw'/name
-        split = (lambda train: dict(split='train' if train else 'test')) if name == 'svhn' else (lambda train: dict(train=train))
-        xt, yt, names = torchvision_to_arrays(cls(str(raw), download=True, **split(True)))
-        xv, yv, _ = torchvision_to_arrays(cls(str(raw), download=True, **split(False)))
-    return save_npz(dest, xt, yt, xv, yv, class_names=names)
-
-def dataset_path(name:str, # one of the downloadable `DATASETS`
-                 data_dir=None, # the data folder (see `get_data_dir`)
-                 download:bool=True, # download and convert when the `.npz` is not there
-                )->Path:
-    "Path of the cached `{name}.npz`, downloading and converting the dataset first if needed."
-    name = _canonical(name)
-    d = get_data_dir(data_dir)
-    f = d/f'{name}.npz'
-    if f.is_file(): return f
-    sub = d/f'{name}_subset.npz'
-    if sub.is_file():
-        warnings.warn(f"Using {sub}: {name}.npz is not in {d}, but a subset of it is.")
-        return sub
-    where = (f"Put a {name}.npz there (uint8 arrays x_train, y_train, x_test, y_test and class_names, "
-             f"as `save_npz` writes), or point data_dir / $IGDMFAST_DATA at a folder that has one.")
-    if not download: raise FileNotFoundError(f"{f} not found and download=False. {where}")
-    try: return download_dataset(name, data_dir)
-    except Exception as e:
-        raise FileNotFoundError(f"{f} not found and downloading {name} failed ({type(e).__name__}: {e}). {where}") from e
-
-# %% ../nbs/04_data.ipynb #5aceeadd
-def _digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x, y = (d.images / 16).astype(np.float32), d.target.astype(np.int64)
-    v = np.zeros(len(y), bool); v[stratified_subset(y, 360, seed=0)] = True
-    return dict(x_train=x[~v], y_train=y[~v], x_valid=x[v], y_valid=y[v], class_names=[str(i) for i in range(10)], name='digits')
-
-def _split_off(r, valid_pct, seed, what):
-    if valid_pct is None:
-        raise ValueError(f"{what} has no test/validation split: pass valid_pct (e.g. valid_pct=0.2) to hold out part of "
-                         "the training set as a seeded, stratified validation set.")
-    if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct!r}.")
-    y = np.asarray(r['y_train'])
-    v = np.zeros(len(y), bool); v[stratified_subset(y, max(1, round(valid_pct*len(y))), seed=seed)] = True
-    x = r['x_train']
-    return dict(r, x_train=x[~v], y_train=y[~v], x_valid=x[v], y_valid=y[v])
-
-def _npz_arrays(path, valid_pct, seed, name):
-    r = load_npz(path)
-    r = dict(r, x_valid=r.pop('x_test'), y_valid=r.pop('y_test'), name=name)
-    return r if r['x_valid'] is not None else _split_off(r, valid_pct, seed, str(path))
-
-def _from_folder(root, size, valid_pct, seed):
-    if (root/'wnids.txt').is_file() and (root/'val'/'val_annotations.txt').is_file():
-        xt, yt, xv, yv, names = tiny_imagenet_to_arrays(root)
-        return dict(x_train=xt, y_train=yt, x_valid=xv, y_valid=yv, class_names=names)
-    train = next((root/s for s in ('train', 'training') if (root/s).is_dir()), None)
-    if train is None:
-        raise FileNotFoundError(f"{root} has no train/ folder: an image folder source needs {root}/train/<class>/*.png "
-                                f"and {root}/valid/<class>/*.png (or val/, test/).")
-    xt, yt, names = folder_to_arrays(train, size=size)
-    valid = next((root/s for s in ('valid', 'val', 'test', 'testing') if (root/s).is_dir()), None)
-    r = dict(x_train=xt, y_train=yt, x_valid=None, y_valid=None, class_names=names)
-    if valid is None: return _split_off(r, valid_pct, seed, str(root))
-    xv, yv, _ = folder_to_arrays(valid, size=size, classes=names)
-    return dict(r, x_valid=xv, y_valid=yv)
-
-def get_arrays(source='digits', # a name from `DATASETS`, a path to an `.npz` file, or an image folder
-               data_dir=None, # the data folder for named datasets (see `get_data_dir`)
-               size=None, # image folders only: resize every image to `size` (int or (H, W))
-               valid_pct:float|None=None, # for sources without a test split: the fraction held out for validation
-               seed:int=0, # seed of the `valid_pct` split
-               download:bool=True, # download named datasets that are not cached
-              )->dict:
-    "`x_train`, `y_train`, `x_valid`, `y_valid` (numpy), `class_names` and `name` of a data source."
-    if isinstance(source, str) and _canonical(source) in DATASETS:
-        name = _canonical(source)
-        if size is not None: raise ValueError("size= only applies to image folders.")
-        if name == 'digits': return _digits()
-        return _npz_arrays(dataset_path(name, data_dir, download), valid_pct, seed, name)
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a dataset name or a path, got {type(source).__name__}.")
-    p = Path(source).expanduser()
-    if p.suffix.lower() == '.npz' or p.is_file():
-        if p.suffix.lower() != '.npz': raise ValueError(f"{p} is a file but not an .npz archive; sources are {sorted(DATASETS)}, a .npz file or an image folder.")
-        if size is not None: raise ValueError("size= only applies to image folders.")
-        return _npz_arrays(p, valid_pct, seed, p.stem)
-    if p.is_dir(): return dict(_from_folder(p, size, valid_pct, seed), name=p.name)
-    if isinstance(source, str) and os.sep not in source and '/' not in source and not p.suffix:
-        raise ValueError(f"Unknown data source {source!r}. Known datasets: {', '.join(DATASETS)}; "
-                         "or give a path to an .npz file or to an image folder.")
-    raise FileNotFoundError(f"No such file or folder: {p}")
-
 # %% ../nbs/04_data.ipynb #0790cfa1
 def get_dls(source='digits', # a name from `DATASETS`, a path to an `.npz` file, or an image folder with train/ and valid/
             bs:int=128, # training batch size
@@ -694,3 +402,13 @@ def get_dls(source='digits', # a name from `DATASETS`, a path to an `.npz` file,
     if augment is None: augment = default_augment(r['name'], xt.shape[1], tuple(xt.shape[-2:]))
     return tensor_dls(xt, yt, xv, yv, bs=bs, val_bs=val_bs, augment=augment, device=device,
                       class_names=r['class_names'], name=r['name'], path=path)
+
+# %% ../nbs/04_data.ipynb #50693ee1
+_MOVED = dict.fromkeys(('DATASETS', 'IMG_EXTS', 'TINY_IMAGENET_URL', 'stratified_subset', 'save_npz', 'load_npz', 'load_images',
+                        'folder_to_arrays', 'tiny_imagenet_to_arrays', 'torchvision_to_arrays', 'get_data_dir', 'download_dataset',
+                        'dataset_path', 'get_arrays'), 'igdmfast.sources')
+
+def __getattr__(name):
+    "A name that moved to `igdmfast.sources`, from its new module (for one release)."
+    if name in _MOVED: return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import igdmfast.data as data_mod
+import igdmfast.sources as data_mod   # the downloads moved to igdmfast.sources (#27)
 from igdmfast.core import seed_everything
 from igdmfast.data import (DATASETS, TensorImageLoader, crop_flip, crop_flip_params, dataset_path, get_arrays, get_dls,
                            load_npz, random_crop_flip, save_npz, stratified_subset, synth_dls, tensor_dls)

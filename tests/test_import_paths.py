@@ -1,4 +1,4 @@
-"""Issue #27 split `igdmfast.evaluate` (and later `runs` and `models`) into modules of one concern each. For one release every
+"""Issue #27 split `igdmfast.evaluate`, `runs` and `data` (and later `models`) into modules of one concern each. For one release every
 public name keeps working from its old module: `from igdmfast.evaluate import grad_alignment` still gives
 `igdmfast.alignment.grad_alignment`. Each name below is what the old module's `__all__` held before the split."""
 import importlib
@@ -19,9 +19,13 @@ OLD = {
                       'load_model_arg', 'load_teacher_arg', 'EpochLines', 'fit_epochs', 'learner_kwargs', 'build_model',
                       'train_teacher', 'distill_student', 'check_training', 'check_models', 'probe_model', 'probe_models',
                       'file_sha256', 'run_dls', 'run_settings', 'run_notes', 'variant_dir', 'measured'],
+    'igdmfast.data': ['DATASETS', 'IMG_EXTS', 'TINY_IMAGENET_URL', 'crop_flip_params', 'crop_flip', 'random_crop_flip', 'default_augment',
+                      'TensorImageDataset', 'TensorImageLoader', 'LabelTypeError', 'tensor_dls', 'synth_dls', 'stratified_subset',
+                      'save_npz', 'load_npz', 'load_images', 'folder_to_arrays', 'tiny_imagenet_to_arrays', 'torchvision_to_arrays',
+                      'get_data_dir', 'download_dataset', 'dataset_path', 'get_arrays', 'get_dls'],
 }
 OLD['igdmfast.cli'] = OLD['igdmfast.runs']   # `from .runs import *` re-exported all of them from the command line's module
-IN_ALL = {'igdmfast.evaluate'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
+IN_ALL = {'igdmfast.evaluate', 'igdmfast.data'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
 
 CASES = [(m, n) for m, names in OLD.items() for n in names]
 
