@@ -4,6 +4,8 @@ from .attacks import *
 from .losses import *
 from .methods import *
 from .models import *
+from .weights import *
+from .teachers import *
 from .sources import *
 from .data import *
 from .callback.adversarial import *

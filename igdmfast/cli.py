@@ -326,7 +326,7 @@ def recalibrate(run:str, # a `train` run folder: its config.json and student.pt 
     "Recompute a trained student's BatchNorm running statistics (its weights unchanged) on the method's x′ or on clean images."
     from igdmfast.callback.adversarial import recalibrate_bn, RECALIBRATE_ON
     from igdmfast.learner import distill_learner, adv_learner
-    from igdmfast.models import read_checkpoint, save_weights
+    from igdmfast.weights import read_checkpoint, save_weights
     if out is None: raise CLIError("igdmfast recalibrate-bn needs --out DIR: a new folder for the recalibrated student.")
     if on not in RECALIBRATE_ON: raise CLIError(f"--on must be one of {', '.join(RECALIBRATE_ON)}, got {on!r}.")
     check_seed(seed)

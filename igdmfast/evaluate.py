@@ -17,7 +17,7 @@ from fastai.metrics import Metric
 from .core import (ThreatModel, check_images, check_labels, check_logits, looks_like_probabilities,
                            probability_message, eval_mode, unwrap)
 from .attacks import fgsm, pgd, cw_linf, autoattack, random_start
-from .models import read_checkpoint
+from .weights import read_checkpoint
 
 # %% auto #0
 __all__ = ['CW_STEPS', 'EPS_GRID', 'check_input_size', 'checkpoint_input_size', 'EvalBatches', 'eval_batches', 'EvalAttack',

@@ -68,7 +68,7 @@ class AdvLearner(Learner):
 @patch
 def export_student(self:Learner, fname='student.pt', arch:str|None=None, **meta):
     "Save the student's weights (no teacher, no optimizer, no pickled code) to `self.path/fname`; returns the path."
-    from igdmfast.models import save_weights
+    from igdmfast.weights import save_weights
     return save_weights(self.model, Path(self.path)/fname, arch=arch, **meta)
 
 # %% ../nbs/07_learner.ipynb #d1e61a81
@@ -195,7 +195,7 @@ def _as_model(m, dls, who):
     if isinstance(m, nn.Module): return m
     if isinstance(m, (str, Path)):
         import timm
-        from igdmfast.models import load_teacher
+        from igdmfast.teachers import load_teacher
         if Path(m).is_file(): return load_teacher(m)
         if isinstance(m, str) and timm.is_model(m): return timm.create_model(m, num_classes=dls.c, in_chans=dls.in_chans)
         # neither a file nor an architecture: a RobustBench name (its dataset from the class count), else load_teacher's

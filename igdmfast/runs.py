@@ -24,7 +24,7 @@ def robustbench_datasets(teacher:str, # a RobustBench name
                          n_classes:int|None=None, # the class count of the data, when loaded
                         )->list:
     "The RobustBench datasets `--teacher NAME` may mean: that of `--data` (cifar10, cifar100), else those of the class count, else all."
-    from igdmfast.models import ROBUSTBENCH_TEACHERS
+    from igdmfast.teachers import ROBUSTBENCH_TEACHERS
     found = [d for d, names in ROBUSTBENCH_TEACHERS.items() if teacher in names]
     key = str(data).lower().replace('-', '').replace('_', '')
     if key in ROBUSTBENCH_TEACHERS: return [key]
@@ -32,7 +32,7 @@ def robustbench_datasets(teacher:str, # a RobustBench name
     return by_classes or found
 
 def _is_robustbench_name(teacher):
-    from igdmfast.models import ROBUSTBENCH_TEACHERS
+    from igdmfast.teachers import ROBUSTBENCH_TEACHERS
     return not Path(teacher).is_file() and any(teacher in names for names in ROBUSTBENCH_TEACHERS.values())
 
 def teacher_files(teacher:str, # `--teacher`: a file, a RobustBench name or 'auto'
@@ -43,7 +43,7 @@ def teacher_files(teacher:str, # `--teacher`: a file, a RobustBench name or 'aut
     if teacher == 'auto': return []
     if Path(teacher).is_file(): return [Path(teacher)]
     if _is_robustbench_name(teacher):
-        from igdmfast.models import robustbench_path, load_teacher
+        from igdmfast.teachers import robustbench_path, load_teacher
         sets = robustbench_datasets(teacher, data)
         paths = [robustbench_path(teacher, d, teacher_dir) for d in sets]
         if not any(p.is_file() for p in paths): load_teacher(teacher, dataset=sets[0], teacher_dir=teacher_dir)   # its message: where and how
@@ -57,7 +57,7 @@ def load_model_arg(path, # a checkpoint file
                    flag:str='--teacher-arch', # the option that gives `arch`, named in the messages
                   ):
     "`load_teacher` for the command line: its messages name the flag (`--teacher-arch`, `--arch`), not Python arguments."
-    from igdmfast.models import load_teacher
+    from igdmfast.teachers import load_teacher
     try: return load_teacher(path, arch=arch) if arch else load_teacher(path)
     except ValueError as e:
         msg = str(e)
@@ -75,7 +75,7 @@ def load_teacher_arg(teacher:str, # `--teacher`: a file or a RobustBench name
                     ):
     "Load `--teacher` onto `dev`: a checkpoint file (built as `arch` when given) or a RobustBench name (its dataset from --data or the class count)."
     if _is_robustbench_name(teacher):
-        from igdmfast.models import load_teacher
+        from igdmfast.teachers import load_teacher
         if arch: raise CLIError(f"--teacher {teacher} is a RobustBench teacher whose architecture igdmfast knows: leave out --teacher-arch.")
         return load_teacher(teacher, dataset=robustbench_datasets(teacher, data, n_classes)[0], teacher_dir=teacher_dir).to(dev)
     return load_model_arg(teacher, arch, '--teacher-arch').to(dev)
@@ -108,7 +108,7 @@ def _history_logger(fname):
 
 def _resume_point(learn, path, resume):
     "The epoch to start from: 0, or the one after the last complete epoch of the checkpoint at `path` with `resume`."
-    from igdmfast.models import CheckpointError
+    from igdmfast.weights import CheckpointError
     if not resume or not Path(path).is_file(): return 0
     try: start = learn.resume_from(path)
     except CheckpointError as e:
@@ -182,7 +182,8 @@ def train_teacher(arch:str, # the teacher's model name
     "Train a robust teacher with `adv_learner` (PGD-AT or TRADES) into `out/teacher.pt`; returns (model, seconds)."
     from igdmfast.core import seed_everything
     from igdmfast.learner import adv_learner
-    from igdmfast.models import save_weights, load_teacher
+    from igdmfast.weights import save_weights
+    from igdmfast.teachers import load_teacher
     from igdmfast.callback.checkpoint import Checkpoint, StopOnNaN
     out = Path(out)
     if resume and (out/'teacher.pt').is_file():

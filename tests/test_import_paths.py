@@ -1,4 +1,4 @@
-"""Issue #27 split `igdmfast.evaluate`, `runs` and `data` (and later `models`) into modules of one concern each. For one release every
+"""Issue #27 split `igdmfast.evaluate`, `runs`, `data` and `models` into modules of one concern each. For one release every
 public name keeps working from its old module: `from igdmfast.evaluate import grad_alignment` still gives
 `igdmfast.alignment.grad_alignment`. Each name below is what the old module's `__all__` held before the split."""
 import importlib
@@ -23,9 +23,15 @@ OLD = {
                       'TensorImageDataset', 'TensorImageLoader', 'LabelTypeError', 'tensor_dls', 'synth_dls', 'stratified_subset',
                       'save_npz', 'load_npz', 'load_images', 'folder_to_arrays', 'tiny_imagenet_to_arrays', 'torchvision_to_arrays',
                       'get_data_dir', 'download_dataset', 'dataset_path', 'get_arrays', 'get_dls'],
+    'igdmfast.models': ['MBV2_CIFAR_CFG', 'DM_CIFAR10_MEAN', 'DM_CIFAR10_STD', 'DM_CIFAR100_MEAN', 'DM_CIFAR100_STD', 'CIFAR_ARCHS',
+                        'ROBUSTBENCH_TEACHERS', 'n_params', 'CifarNet', 'BasicBlock', 'CifarResNet', 'resnet18_cifar', 'tiny_resnet_cifar',
+                        'SmallCNN', 'small_cnn', 'PreActBlock', 'PreActResNet', 'preactresnet18', 'InvertedResidual', 'CifarMobileNetV2',
+                        'mobilenetv2_cifar', 'tiny_mobilenet_cifar', 'WideBasic', 'NetworkBlock', 'WideResNet', 'wrn34_10', 'wrn34_20',
+                        'wrn28_10', 'DMBlock', 'DMBlockGroup', 'DMWideResNet', 'dm_wrn28_10', 'cifar_stem', 'save_weights',
+                        'CheckpointError', 'UnsafeCheckpointError', 'read_checkpoint', 'load_teacher', 'robustbench_path'],
 }
 OLD['igdmfast.cli'] = OLD['igdmfast.runs']   # `from .runs import *` re-exported all of them from the command line's module
-IN_ALL = {'igdmfast.evaluate', 'igdmfast.data'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
+IN_ALL = {'igdmfast.evaluate', 'igdmfast.data', 'igdmfast.models'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
 
 CASES = [(m, n) for m, names in OLD.items() for n in names]
 
@@ -49,6 +55,12 @@ def test_from_import_statement():
     from igdmfast.options import CLIError
     from igdmfast.runfolder import RunFolder
     assert (ns['RunFolder'], ns['CLIError']) == (RunFolder, CLIError)
+
+def test_private_names_other_modules_use():
+    "`igdmfast.export` reads `_describe` and `_cfg` from `igdmfast.models`."
+    from igdmfast.models import _describe, _cfg
+    from igdmfast.weights import _describe as d
+    assert _describe is d and callable(_cfg)
 
 def test_unknown_name_still_fails():
     for m in OLD:
