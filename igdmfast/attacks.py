@@ -9,11 +9,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import ThreatModel, check_images, check_labels, check_output, check_logits, eval_mode, frozen
+from .core import ThreatModel, check_images, check_labels, check_output, check_logits, eval_mode, frozen, kl_div
+from .core import upcast_half  # noqa: F401 (its home until #27: `from igdmfast.attacks import upcast_half` still works)
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'AA_ATTACKS', 'ce_loss', 'cw_margin', 'upcast_half', 'kl_div', 'kl_objective', 'project', 'ascent_step',
-           'uniform_delta', 'random_start', 'as_objective', 'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
+__all__ = ['OBJECTIVES', 'AA_ATTACKS', 'ce_loss', 'cw_margin', 'kl_objective', 'project', 'ascent_step', 'uniform_delta',
+           'random_start', 'as_objective', 'perturb', 'fgsm', 'pgd', 'cw_linf', 'autoattack']
 
 # %% ../nbs/01_attacks.ipynb #6c9d11e2
 def ce_loss(logits:Tensor, y:Tensor)->Tensor:
@@ -26,26 +27,6 @@ def cw_margin(logits:Tensor, y:Tensor)->Tensor:
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float('-inf'))
     return other.amax(1) - z_y
-
-def upcast_half(x:Tensor, # a tensor of any dtype
-               )->Tensor:
-    "`x` in float32 when it is float16 or bfloat16 (softmax and log-softmax of logits are computed in fp32), else `x` itself."
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-def kl_div(target_logits:Tensor, # logits of the target distribution P
-           logits:Tensor, # logits of the prediction Q
-           detach_target:bool=True, # stop gradients into the target (False when both sides move, as in AdaAD's attack)
-          )->Tensor:
-    "Per-sample KL(softmax(`target_logits`) ‖ softmax(`logits`)), summed over classes (half precision computed in fp32)."
-    for name, z in (('target_logits', target_logits), ('logits', logits)):
-        if not isinstance(z, Tensor) or not z.is_floating_point() or z.ndim < 2:
-            got = f"shape {tuple(z.shape)} and dtype {z.dtype}" if isinstance(z, Tensor) else f"a {type(z).__name__}"
-            raise TypeError(f"{name} must be a float tensor of logits of shape (batch, classes), got {got}.")
-    if target_logits.shape != logits.shape:
-        raise ValueError(f"target_logits has shape {tuple(target_logits.shape)} but logits has shape {tuple(logits.shape)}: "
-                         "they must have the same shape (batch, classes).")
-    t = F.log_softmax(upcast_half(target_logits.detach() if detach_target else target_logits), 1)
-    return (t.exp() * (t - F.log_softmax(upcast_half(logits), 1))).sum(1)
 
 def kl_objective(target_logits:Tensor)->Callable:
     "Objective `(logits, y) -> KL(softmax(target_logits) ‖ softmax(logits))` per sample (TRADES / RSLAD inner loss)."

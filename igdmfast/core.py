@@ -9,12 +9,13 @@ from pathlib import Path
 from dataclasses import dataclass
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['ThreatModel', 'check_images', 'check_labels', 'ProbabilityOutputWarning', 'looks_like_probabilities',
-           'probability_message', 'check_output', 'check_logits', 'Normalize', 'normalized', 'seed_everything',
-           'eval_mode', 'frozen', 'unwrap', 'write_error', 'atomic_save', 'atomic_write']
+           'probability_message', 'check_output', 'check_logits', 'upcast_half', 'kl_div', 'Normalize', 'normalized',
+           'seed_everything', 'eval_mode', 'frozen', 'unwrap', 'write_error', 'atomic_save', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #38fc02ed
 _START_ALIASES = {True: 'uniform', False: 'none', None: 'none', 'uniform': 'uniform', 'normal': 'normal', 'none': 'none'}
@@ -176,6 +177,27 @@ def check_logits(model:nn.Module, # a classifier taking images in [0,1]
             raise ValueError(f"The {who} cannot take images of shape {tuple(x.shape)} ({x.dtype}, on {x.device}): {first}. "
                              "Check the number of channels, the image size and the dtype it expects.") from e
     return check_output(out, len(x), y, who, action)
+
+# %% ../nbs/00_core.ipynb #6d1f3a91
+def upcast_half(x:Tensor, # a tensor of any dtype
+               )->Tensor:
+    "`x` in float32 when it is float16 or bfloat16 (softmax and log-softmax of logits are computed in fp32), else `x` itself."
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+def kl_div(target_logits:Tensor, # logits of the target distribution P
+           logits:Tensor, # logits of the prediction Q
+           detach_target:bool=True, # stop gradients into the target (False when both sides move, as in AdaAD's attack)
+          )->Tensor:
+    "Per-sample KL(softmax(`target_logits`) ‖ softmax(`logits`)), summed over classes (half precision computed in fp32)."
+    for name, z in (('target_logits', target_logits), ('logits', logits)):
+        if not isinstance(z, Tensor) or not z.is_floating_point() or z.ndim < 2:
+            got = f"shape {tuple(z.shape)} and dtype {z.dtype}" if isinstance(z, Tensor) else f"a {type(z).__name__}"
+            raise TypeError(f"{name} must be a float tensor of logits of shape (batch, classes), got {got}.")
+    if target_logits.shape != logits.shape:
+        raise ValueError(f"target_logits has shape {tuple(target_logits.shape)} but logits has shape {tuple(logits.shape)}: "
+                         "they must have the same shape (batch, classes).")
+    t = F.log_softmax(upcast_half(target_logits.detach() if detach_target else target_logits), 1)
+    return (t.exp() * (t - F.log_softmax(upcast_half(logits), 1))).sum(1)
 
 # %% ../nbs/00_core.ipynb #686c8dcc
 class Normalize(nn.Module):

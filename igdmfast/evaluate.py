@@ -415,7 +415,8 @@ def robust_eval(model:nn.Module, # the classifier (returns logits); evaluated in
                         None if batches.indices is None else batches.indices.numpy())
 
 # %% ../nbs/08_evaluate.ipynb #357793c5
-EPS_GRID = tuple(e/255 for e in (0, 2, 4, 6, 8, 12, 16)) # the default radii of `accuracy_vs_eps`, 0 to 16/255
+_GRID_255 = (0, 2, 4, 6, 8, 12, 16)   # the radius grid, in 1/255 units at the paper's 8/255 (also `report.curve_radii`'s)
+EPS_GRID = tuple(e/255 for e in _GRID_255) # the default radii of `accuracy_vs_eps`, 0 to 16/255
 
 @dataclass(repr=False)
 class AccVsEps:

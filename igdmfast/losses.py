@@ -9,8 +9,7 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .core import check_labels
-from .attacks import kl_div, upcast_half
+from .core import check_labels, kl_div, upcast_half
 
 # %% auto #0
 __all__ = ['kl_through', 'pgd_at_needs', 'pgd_at_loss', 'trades_needs', 'trades_loss', 'ard_needs', 'ard_loss', 'iad_weights',

@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import nn, Tensor
-from .core import ThreatModel, eval_mode
-from .attacks import perturb, kl_objective, kl_div
+from .core import ThreatModel, eval_mode, kl_div
+from .attacks import perturb, kl_objective
 from .losses import (pgd_at_loss, trades_loss, ard_loss, iad_loss, akd_loss, rslad_loss, adaad_loss, adaiad_loss,
                               pgd_at_needs, trades_needs, ard_needs, iad_needs, akd_needs, rslad_needs, adaad_needs, adaiad_needs)
 
 # %% auto #0
-__all__ = ['ALPHA_TABLE', 'INNERS', 'METHODS', 'DistillBatch', 'inner_ce', 'inner_trades', 'inner_rslad', 'inner_adaad',
-           'table_alpha', 'Method', 'check_inner', 'from_loss', 'get_method']
+__all__ = ['ALPHA_TABLE', 'INNERS', 'METHODS', 'DistillBatch', 'objective_ce', 'objective_trades', 'objective_rslad',
+           'objective_adaad', 'inner_ce', 'inner_trades', 'inner_rslad', 'inner_adaad', 'table_alpha', 'Method',
+           'check_inner', 'from_loss', 'get_method']
 
 # %% ../nbs/05_methods.ipynb #44d45063
 @dataclass
@@ -31,24 +32,47 @@ class DistillBatch:
     t_adv: Tensor|None = None # teacher logits on x′
 
 # %% ../nbs/05_methods.ipynb #1ec9ea9b
-def inner_ce(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "PGD on CE(S(x′), y): PGD-AT, ARD, IAD, AKD."
-    return perturb(student, x, y, threat, 'ce', mode=mode, check=False)
+def objective_ce(student, teacher, x, y, t_nat=None, mode='eval'):
+    "What PGD-CE attacks: `((student,), y, 'ce')`, the models, labels and objective of `perturb`."
+    return (student,), y, 'ce'
 
-def inner_trades(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "Maximize KL(S(x) ‖ S(x′)) with S(x) from the student in the attack's mode: TRADES."
+def objective_trades(student, teacher, x, y, t_nat=None, mode='eval'):
+    "What TRADES' inner maximization attacks: the student, KL to S(x) computed in the attack's mode."
     with torch.no_grad(), (eval_mode(student) if mode == 'eval' else nullcontext()): s_nat = student(x)
-    return perturb(student, x, y, threat, kl_objective(s_nat), mode=mode, check=False)
+    return (student,), None, kl_objective(s_nat)
 
-def inner_rslad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "Maximize KL(T(x) ‖ S(x′)), the teacher's clean soft labels as target: RSLAD."
-    return perturb(student, x, y, threat, kl_objective(t_nat), mode=mode, check=False)
+def objective_rslad(student, teacher, x, y, t_nat=None, mode='eval'):
+    "What RSLAD's inner maximization attacks: the student, KL to the teacher's clean soft labels `t_nat`."
+    return (student,), None, kl_objective(t_nat)
 
 def _adaad_objective(outs, y): return kl_div(outs[1], outs[0], detach_target=False)  # through both, as the official code
 
+def objective_adaad(student, teacher, x, y, t_nat=None, mode='eval'):
+    "What AdaAD's inner maximization attacks: student and teacher together, KL(T(x′) ‖ S(x′))."
+    return (student, teacher), None, _adaad_objective
+
+def inner_ce(student, teacher, x, y, threat, t_nat=None, mode='eval'):
+    "PGD on CE(S(x′), y): PGD-AT, ARD, IAD, AKD."
+    _, y, objective = objective_ce(student, teacher, x, y, t_nat, mode)
+    return perturb(student, x, y, threat, objective, mode=mode, check=False)
+
+def inner_trades(student, teacher, x, y, threat, t_nat=None, mode='eval'):
+    "Maximize KL(S(x) ‖ S(x′)) with S(x) from the student in the attack's mode: TRADES."
+    _, _, objective = objective_trades(student, teacher, x, y, t_nat, mode)
+    return perturb(student, x, y, threat, objective, mode=mode, check=False)
+
+def inner_rslad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
+    "Maximize KL(T(x) ‖ S(x′)), the teacher's clean soft labels as target: RSLAD."
+    _, _, objective = objective_rslad(student, teacher, x, y, t_nat, mode)
+    return perturb(student, x, y, threat, objective, mode=mode, check=False)
+
 def inner_adaad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
     "Maximize KL(T(x′) ‖ S(x′)), the teacher evaluated at the moving point: AdaAD."
-    return perturb((student, teacher), x, y, threat, _adaad_objective, mode=mode, check=False)
+    models, _, objective = objective_adaad(student, teacher, x, y, t_nat, mode)
+    return perturb(models, x, y, threat, objective, mode=mode, check=False)
+
+for _f, _o in ((inner_ce, objective_ce), (inner_trades, objective_trades), (inner_rslad, objective_rslad), (inner_adaad, objective_adaad)):
+    _f.objective = _o   # what each inner maximization attacks: `Method.inner_objective` (and the precision check) asks it
 
 # %% ../nbs/05_methods.ipynb #8f6aa00b
 _METHOD_ORDER = ('pgd_at', 'trades', 'ard', 'iad', 'akd', 'rslad', 'adaad')
@@ -134,6 +158,14 @@ class Method:
     def attack(self, student, teacher, x, y, threat, t_nat=None):
         "x′ for the clean batch `x` (the method's inner maximization)."
         return self.inner(student, teacher, x, y, self.threat(threat), t_nat, self.attack_mode)
+
+    def inner_objective(self, student, teacher, x, y, t_nat=None)->tuple:
+        "`(models, y, objective)` that this method's inner maximization attacks (its `objective`), for precision checks."
+        setup = getattr(self.inner, 'objective', None)
+        if setup is None:
+            raise ValueError(f"Method {self.name!r} has an inner maximization ({getattr(self.inner, '__name__', self.inner)}) "
+                             "that check_method_precision does not know: call check_attack_precision with its models and objective.")
+        return setup(student, teacher, x, y, t_nat, self.attack_mode)
 
     def with_inner(self, inner:str|None=None)->Method:
         "This method with its inner maximization replaced by `inner`, a key of `INNERS` (None or 'method': unchanged)."

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 import torch
 from torch import nn, Tensor
-from .core import ThreatModel, eval_mode
-from .attacks import perturb, as_objective, upcast_half
+from .core import ThreatModel, eval_mode, upcast_half
+from .attacks import perturb, as_objective
 
 # %% auto #0
 __all__ = ['DEFAULT_LOSS_SCALE', 'as_attack_dtype', 'cpu_flags', 'cpu_model', 'native_bf16', 'default_attack_dtype',
@@ -276,21 +276,13 @@ def method_attack_setup(method, # a key of `METHODS` or a `Method`
                        )->tuple[tuple, Callable, str|Callable, str]:
     "What a method's inner maximization attacks: `(models, y, objective, mode)` for `check_attack_precision`."
     from igdmfast.methods import get_method
-    from igdmfast.attacks import kl_div, kl_objective
     m = get_method(method)
-    name = m.inner.__name__   # the fp32 scoring of each known inner maximization
-    if name == 'inner_ce': return (student,), y, 'ce', m.attack_mode
-    if name == 'inner_rslad':
+    t_nat = None
+    if m.teacher_before_attack:   # RSLAD's target: the teacher's clean outputs
         with torch.no_grad(), eval_mode(teacher): t_nat = teacher(x)
-        return (student,), None, kl_objective(t_nat), m.attack_mode
-    if name == 'inner_trades':
-        ctx = eval_mode(student) if m.attack_mode == 'eval' else _kept_buffers((student,))
-        with torch.no_grad(), ctx: s_nat = student(x)
-        return (student,), None, kl_objective(s_nat), m.attack_mode
-    if name == 'inner_adaad':
-        return (student, teacher), None, (lambda outs, y=None: kl_div(outs[1], outs[0], detach_target=False)), m.attack_mode
-    raise ValueError(f"Method {m.name!r} has an inner maximization ({name}) that check_method_precision does not know: "
-                     "call check_attack_precision with its models and objective.")
+    with (_kept_buffers((student,)) if m.attack_mode != 'eval' else contextlib.nullcontext()):   # a train-mode S(x) leaves no trace
+        models, y, objective = m.inner_objective(student, teacher, x, y, t_nat)
+    return models, y, objective, m.attack_mode
 
 def check_method_precision(method, # a key of `METHODS` or a `Method`
                            student:nn.Module, # the student being trained

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn, Tensor
 from .core import ThreatModel, atomic_write
-from .evaluate import RobustResult, AccVsEps, robust_eval, accuracy_vs_eps, _ball, _threat_dict
+from .evaluate import RobustResult, AccVsEps, robust_eval, accuracy_vs_eps, _ball, _threat_dict, _GRID_255
 from .alignment import grad_alignment
 from .plots import plot_panels
 from .stats import accuracy_ci, binomial_ci, is_accuracy, n_images, aggregate_compare, compare_markdown, plot_seeds
@@ -236,7 +236,7 @@ def paper_table(rows, # the variants: a list of dicts (or a dict name -> dict) w
 def curve_radii(eps:float # the threat model's radius, on the [0,1] scale
                )->tuple:
     "The radii of the accuracy-vs-eps curve: 0 to twice `eps` (at 8/255 the default grid, 0, 2, ..., 16/255)."
-    return tuple(eps * k / 8 for k in (0, 2, 4, 6, 8, 12, 16))
+    return tuple(eps * k / 8 for k in _GRID_255)
 
 def paper_eval(model:nn.Module, # the classifier
                dl, # the validation DataLoader

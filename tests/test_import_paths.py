@@ -29,9 +29,10 @@ OLD = {
                         'mobilenetv2_cifar', 'tiny_mobilenet_cifar', 'WideBasic', 'NetworkBlock', 'WideResNet', 'wrn34_10', 'wrn34_20',
                         'wrn28_10', 'DMBlock', 'DMBlockGroup', 'DMWideResNet', 'dm_wrn28_10', 'cifar_stem', 'save_weights',
                         'CheckpointError', 'UnsafeCheckpointError', 'read_checkpoint', 'load_teacher', 'robustbench_path'],
+    'igdmfast.attacks': ['upcast_half', 'kl_div'],   # moved below attacks and losses, to igdmfast.core
 }
 OLD['igdmfast.cli'] = OLD['igdmfast.runs']   # `from .runs import *` re-exported all of them from the command line's module
-IN_ALL = {'igdmfast.evaluate', 'igdmfast.data', 'igdmfast.models'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
+IN_ALL = {'igdmfast.evaluate', 'igdmfast.data', 'igdmfast.models', 'igdmfast.attacks'}   # the old modules that `igdmfast.all` exported (the command line's modules never were)
 
 CASES = [(m, n) for m, names in OLD.items() for n in names]
 
