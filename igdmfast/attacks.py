@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .core import ThreatModel, check_images, check_labels, check_output, check_logits, eval_mode, frozen, kl_div
+from .core import (ThreatModel, check_images, check_labels, check_output, check_logits, eval_mode, frozen, kl_div,
+                           kept_buffers)
 from .core import upcast_half  # noqa: F401 (its home until #27: `from igdmfast.attacks import upcast_half` still works)
 
 # %% auto #0
@@ -89,10 +90,6 @@ def random_start(x:Tensor, # clean images in [0,1]
     return (x + project(delta, threat.norm, eps)).clamp(0, 1)
 
 # %% ../nbs/01_attacks.ipynb #b9107cf9
-def _bn_buffers(models):
-    return [(b, b.detach().clone()) for m in models for mod in m.modules()
-            if isinstance(mod, nn.modules.batchnorm._NormBase) for b in mod.buffers()]
-
 def as_objective(objective, # a name of `OBJECTIVES` ('ce', 'cw', ...) or a function (output, y) -> per-sample loss
                 )->Callable:
     "The attack objective `objective` names (a function is returned as it is)."
@@ -156,9 +153,8 @@ def perturb(model:nn.Module|Sequence[nn.Module], # the attacked model, or a tupl
         _check_models(models, x)
     forward = (lambda z: models[0](z)) if len(models) == 1 else (lambda z: tuple(m(z) for m in models))
     x = x.detach()
-    saved_bn = _bn_buffers(models)
     ctx = eval_mode(*models) if mode == 'eval' else contextlib.nullcontext()
-    try:
+    with kept_buffers(*models, norm_only=True):   # BatchNorm's running statistics do not move
         with ctx, frozen(*models), torch.enable_grad():
             best = best_loss = best_fooled = None
             for _ in range(threat.restarts):
@@ -187,9 +183,6 @@ def perturb(model:nn.Module|Sequence[nn.Module], # the attacked model, or a tupl
                     best = torch.where(better.view(-1, *[1]*(x.ndim-1)), x_adv, best)
                     best_loss, best_fooled = torch.where(better, loss, best_loss), best_fooled | fooled
             return best
-    finally:
-        with torch.no_grad():
-            for buf, val in saved_bn: buf.copy_(val)
 
 # %% ../nbs/01_attacks.ipynb #02db2712
 def fgsm(model:nn.Module, x:Tensor, y:Tensor,

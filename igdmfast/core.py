@@ -15,7 +15,8 @@ from torch import nn, Tensor
 # %% auto #0
 __all__ = ['ThreatModel', 'check_images', 'check_labels', 'ProbabilityOutputWarning', 'looks_like_probabilities',
            'probability_message', 'check_output', 'check_logits', 'upcast_half', 'kl_div', 'Normalize', 'normalized',
-           'seed_everything', 'eval_mode', 'frozen', 'unwrap', 'write_error', 'atomic_save', 'atomic_write']
+           'seed_everything', 'eval_mode', 'frozen', 'kept_buffers', 'unwrap', 'write_error', 'atomic_save',
+           'atomic_write']
 
 # %% ../nbs/00_core.ipynb #38fc02ed
 _START_ALIASES = {True: 'uniform', False: 'none', None: 'none', 'uniform': 'uniform', 'normal': 'normal', 'none': 'none'}
@@ -262,6 +263,16 @@ def frozen(*models:nn.Module):
         yield models[0] if len(models) == 1 else models
     finally:
         for p, flag in saved: p.requires_grad_(flag)
+
+@contextlib.contextmanager
+def kept_buffers(*models:nn.Module, norm_only:bool=False):
+    "Put every buffer of `models` (with `norm_only`: of their normalization layers, the running statistics) back on exit."
+    saved = [(b, b.detach().clone()) for m in _modules(models) for mod in (m.modules() if norm_only else (m,))
+             if not norm_only or isinstance(mod, nn.modules.batchnorm._NormBase) for b in mod.buffers()]
+    try: yield models[0] if len(models) == 1 else models
+    finally:
+        with torch.no_grad():
+            for b, v in saved: b.copy_(v)
 
 def unwrap(model:nn.Module, # a model, possibly inside `DataParallel`, `DistributedDataParallel` or `torch.compile` wrappers
           )->nn.Module:

@@ -16,8 +16,8 @@ from .losses import (pgd_at_loss, trades_loss, ard_loss, iad_loss, akd_loss, rsl
                               pgd_at_needs, trades_needs, ard_needs, iad_needs, akd_needs, rslad_needs, adaad_needs, adaiad_needs)
 
 # %% auto #0
-__all__ = ['ALPHA_TABLE', 'INNERS', 'METHODS', 'DistillBatch', 'objective_ce', 'objective_trades', 'objective_rslad',
-           'objective_adaad', 'inner_ce', 'inner_trades', 'inner_rslad', 'inner_adaad', 'table_alpha', 'Method',
+__all__ = ['inner_ce', 'inner_trades', 'inner_rslad', 'inner_adaad', 'ALPHA_TABLE', 'INNERS', 'METHODS', 'DistillBatch',
+           'objective_ce', 'objective_trades', 'objective_rslad', 'objective_adaad', 'table_alpha', 'Method',
            'check_inner', 'from_loss', 'get_method']
 
 # %% ../nbs/05_methods.ipynb #44d45063
@@ -51,28 +51,19 @@ def objective_adaad(student, teacher, x, y, t_nat=None, mode='eval'):
     "What AdaAD's inner maximization attacks: student and teacher together, KL(T(x′) ‖ S(x′))."
     return (student, teacher), None, _adaad_objective
 
-def inner_ce(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "PGD on CE(S(x′), y): PGD-AT, ARD, IAD, AKD."
-    _, y, objective = objective_ce(student, teacher, x, y, t_nat, mode)
-    return perturb(student, x, y, threat, objective, mode=mode, check=False)
+def _inner(name, objective, doc):
+    "An inner maximization: one call to the attack engine on the models and the objective that `objective` gives."
+    def inner(student, teacher, x, y, threat, t_nat=None, mode='eval'):
+        models, _, loss = objective(student, teacher, x, y, t_nat, mode)
+        return perturb(models[0] if len(models) == 1 else models, x, y, threat, loss, mode=mode, check=False)
+    inner.__name__ = inner.__qualname__ = name
+    inner.__doc__, inner.objective = doc, objective   # `Method.inner_objective` (and the precision check) asks `objective`
+    return inner
 
-def inner_trades(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "Maximize KL(S(x) ‖ S(x′)) with S(x) from the student in the attack's mode: TRADES."
-    _, _, objective = objective_trades(student, teacher, x, y, t_nat, mode)
-    return perturb(student, x, y, threat, objective, mode=mode, check=False)
-
-def inner_rslad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "Maximize KL(T(x) ‖ S(x′)), the teacher's clean soft labels as target: RSLAD."
-    _, _, objective = objective_rslad(student, teacher, x, y, t_nat, mode)
-    return perturb(student, x, y, threat, objective, mode=mode, check=False)
-
-def inner_adaad(student, teacher, x, y, threat, t_nat=None, mode='eval'):
-    "Maximize KL(T(x′) ‖ S(x′)), the teacher evaluated at the moving point: AdaAD."
-    models, _, objective = objective_adaad(student, teacher, x, y, t_nat, mode)
-    return perturb(models, x, y, threat, objective, mode=mode, check=False)
-
-for _f, _o in ((inner_ce, objective_ce), (inner_trades, objective_trades), (inner_rslad, objective_rslad), (inner_adaad, objective_adaad)):
-    _f.objective = _o   # what each inner maximization attacks: `Method.inner_objective` (and the precision check) asks it
+inner_ce = _inner('inner_ce', objective_ce, "PGD on CE(S(x′), y): PGD-AT, ARD, IAD, AKD.")
+inner_trades = _inner('inner_trades', objective_trades, "Maximize KL(S(x) ‖ S(x′)) with S(x) from the student in the attack's mode: TRADES.")
+inner_rslad = _inner('inner_rslad', objective_rslad, "Maximize KL(T(x) ‖ S(x′)), the teacher's clean soft labels as target: RSLAD.")
+inner_adaad = _inner('inner_adaad', objective_adaad, "Maximize KL(T(x′) ‖ S(x′)), the teacher evaluated at the moving point: AdaAD.")
 
 # %% ../nbs/05_methods.ipynb #8f6aa00b
 _METHOD_ORDER = ('pgd_at', 'trades', 'ard', 'iad', 'akd', 'rslad', 'adaad')

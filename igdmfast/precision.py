@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import torch
 from torch import nn, Tensor
-from .core import ThreatModel, eval_mode, upcast_half
+from .core import ThreatModel, eval_mode, kept_buffers, upcast_half
 from .attacks import perturb, as_objective
 
 # %% auto #0
@@ -196,19 +196,10 @@ class PrecisionCheck:
                 f"{succ}; {100*self.same_entries:.1f}% of x′ identical -> {verdict}")
 
 # %% ../nbs/13_precision.ipynb #919f39fd
-@contextlib.contextmanager
-def _kept_buffers(models):
-    "Restore every floating buffer (BatchNorm running statistics) of `models` on exit."
-    saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
-    try: yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved: b.copy_(v)
-
 def _objective_at(models, x_adv, y, objective, mode):
     "The objective and the outputs at `x_adv`, in float32 (the models as given), no gradients, buffers kept."
     ctx = eval_mode(*models) if mode == 'eval' else contextlib.nullcontext()
-    with torch.no_grad(), ctx, _kept_buffers(models):
+    with torch.no_grad(), ctx, kept_buffers(*models):
         out = models[0](x_adv) if len(models) == 1 else tuple(m(x_adv) for m in models)
         return objective(out, y).double(), out
 
@@ -280,7 +271,7 @@ def method_attack_setup(method, # a key of `METHODS` or a `Method`
     t_nat = None
     if m.teacher_before_attack:   # RSLAD's target: the teacher's clean outputs
         with torch.no_grad(), eval_mode(teacher): t_nat = teacher(x)
-    with (_kept_buffers((student,)) if m.attack_mode != 'eval' else contextlib.nullcontext()):   # a train-mode S(x) leaves no trace
+    with (kept_buffers(student) if m.attack_mode != 'eval' else contextlib.nullcontext()):   # a train-mode S(x) leaves no trace
         models, y, objective = m.inner_objective(student, teacher, x, y, t_nat)
     return models, y, objective, m.attack_mode
 

@@ -14,7 +14,8 @@ from .core import ThreatModel, atomic_write
 from .evaluate import RobustResult, AccVsEps, robust_eval, accuracy_vs_eps, _ball, _threat_dict, _GRID_255
 from .alignment import grad_alignment
 from .plots import plot_panels
-from .stats import accuracy_ci, binomial_ci, is_accuracy, n_images, aggregate_compare, compare_markdown, plot_seeds
+from .stats import (accuracy_ci, binomial_ci, is_accuracy, n_images, aggregate_compare, compare_markdown, plot_seeds,
+                            method_label)
 
 # %% auto #0
 __all__ = ['PAPER_COLUMNS', 'COMPARE_COLUMNS', 'markdown_table', 'save_report', 'paper_table', 'curve_radii', 'paper_eval',
@@ -226,10 +227,8 @@ def paper_table(rows, # the variants: a list of dicts (or a dict name -> dict) w
     for m in dict.fromkeys(m for m, _ in by):
         for ig in (False, True):
             if (m, ig) not in by: continue
-            r, name = by[m, ig], m.upper().replace('_', '-')
-            a = r.get('alpha')
-            label = f"{name} + IGDM" + (f" (α={a:g})" if isinstance(a, (int, float)) and not isinstance(a, bool) else '') if ig else name
-            out[label] = {k: r.get(k) for k in metrics}
+            r = by[m, ig]
+            out[method_label(m, ig, r.get('alpha'))] = {k: r.get(k) for k in metrics}
     return out
 
 # %% ../nbs/08b_report.ipynb #1ba746ef
@@ -269,7 +268,7 @@ def compare_table(teacher:Mapping, # the teacher's numbers, with its 'name'
                   rows:Sequence[Mapping], # one per (method, igdm): 'method', 'igdm' and the numbers
                  )->str:
     "compare.md's tables: the paper's layout (method, then +IGDM) and the differences IGDM made."
-    label, digits = lambda m: m.upper().replace('_', '-'), dict(seconds_per_epoch=1)
+    label, digits = method_label, dict(seconds_per_epoch=1)
     md = markdown_table([(f"Teacher ({teacher['name']})", teacher), *(('+IGDM' if r['igdm'] else label(r['method']), r) for r in rows)],
                         COMPARE_COLUMNS, 'Method', digits)
     by = {(r['method'], r['igdm']): r for r in rows}

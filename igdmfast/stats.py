@@ -12,7 +12,8 @@ from .core import atomic_write
 
 # %% auto #0
 __all__ = ['COMPARE_METRICS', 'METRIC_LABELS', 'mean_ci', 'paired_diff', 'binomial_ci', 'accuracy_ci', 'eval_noise',
-           'effect_within_noise', 'is_accuracy', 'n_images', 'aggregate_compare', 'compare_markdown', 'plot_seeds']
+           'effect_within_noise', 'is_accuracy', 'n_images', 'method_label', 'aggregate_compare', 'compare_markdown',
+           'plot_seeds']
 
 # %% ../nbs/12_stats.ipynb #5ebb9b0c
 def _finite(values, what):
@@ -143,7 +144,14 @@ def n_images(row:Mapping, # a result row: numbers plus image counts 'n' (every a
         if k is not None and row.get(k) is not None and not isinstance(row[k], bool): return int(row[k])
     return None
 
-def _label(method, igdm): return f"{str(method).upper().replace('_', '-')}{' + IGDM' if igdm else ''}"
+def method_label(method:str, # a method's name: 'ard', 'pgd_at', ...
+                 igdm:bool=False, # the variant with IGDM
+                 alpha=None, # IGDM's α, written when it is a number
+                )->str:
+    "A method as the tables name it: 'ARD', 'PGD-AT', 'ARD + IGDM', 'ARD + IGDM (α=5)'."
+    name = str(method).upper().replace('_', '-')
+    if not igdm: return name
+    return f"{name} + IGDM" + (f" (α={alpha:g})" if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else '')
 
 def _num(v): return None if v is None or isinstance(v, bool) else float(v)
 
@@ -156,7 +164,7 @@ def _check_rows(rows):
         miss = [k for k in ('method', 'igdm', 'seed') if k not in r]
         if miss: raise ValueError(f"rows[{i}] has no {', '.join(map(repr, miss))}: every row needs 'method', 'igdm' and 'seed'.")
         key = (r['method'], bool(r['igdm']), r['seed'])
-        if key in seen: raise ValueError(f"Two rows for {_label(*key[:2])} seed {key[2]}: each (method, igdm, seed) must appear once.")
+        if key in seen: raise ValueError(f"Two rows for {method_label(*key[:2])} seed {key[2]}: each (method, igdm, seed) must appear once.")
         seen.add(key)
 
 def _variant(rs, metrics, conf):
@@ -194,7 +202,7 @@ def aggregate_compare(rows:Sequence[Mapping], # one dict per (method, igdm, seed
     by = {}
     for r in sorted(rows, key=lambda r: (order.index(r['method']), bool(r['igdm']), all_seeds.index(r['seed']))):
         by.setdefault((r['method'], bool(r['igdm'])), []).append(r)
-    variants = [dict(method=m, igdm=ig, label=_label(m, ig), seeds=[r['seed'] for r in rs], metrics=_variant(rs, metrics, conf))
+    variants = [dict(method=m, igdm=ig, label=method_label(m, ig), seeds=[r['seed'] for r in rs], metrics=_variant(rs, metrics, conf))
                 for (m, ig), rs in by.items()]
     diffs = []
     for m in dict.fromkeys(m for m, _ in by):
@@ -203,8 +211,8 @@ def aggregate_compare(rows:Sequence[Mapping], # one dict per (method, igdm, seed
         both = [s for s in all_seeds if s in base and s in ig]
         for s in all_seeds:
             if (s in base) != (s in ig):
-                warns.append(f"{_label(m, s in ig)} has seed {s} but {_label(m, s in base)} has not: seed {s} is left out of "
-                             f"the paired difference of {_label(m, False)}.")
+                warns.append(f"{method_label(m, s in ig)} has seed {s} but {method_label(m, s in base)} has not: seed {s} is left out of "
+                             f"the paired difference of {method_label(m, False)}.")
         if not both: continue
         per = {}
         for k in metrics:
@@ -219,12 +227,12 @@ def aggregate_compare(rows:Sequence[Mapping], # one dict per (method, igdm, seed
                 e['within_noise'] = None if not known else bool(abs(e['mean']) < e['noise'])
                 if e['within_noise']:
                     imgs = '/'.join(map(str, e['n_images']))
-                    warns.append(f"{_label(m, False)} {METRIC_LABELS.get(k, k)}: the IGDM effect ({e['mean']:+.2f} points, "
+                    warns.append(f"{method_label(m, False)} {METRIC_LABELS.get(k, k)}: the IGDM effect ({e['mean']:+.2f} points, "
                                  f"mean of {len(ss)} seed{'s' if len(ss) > 1 else ''}) is inside the evaluation's own noise "
                                  f"(±{e['noise']:.2f} points, the {conf:.0%} Wilson half-width of one accuracy on {imgs} "
                                  "images): evaluate on more images before reading it as an effect.")
             per[k] = e
-        diffs.append(dict(method=m, label=_label(m, False), seeds=both, metrics=per))
+        diffs.append(dict(method=m, label=method_label(m, False), seeds=both, metrics=per))
     return dict(seeds=all_seeds, n_seeds=len(all_seeds), conf=conf, metrics=list(metrics),
                 intervals=dict(seeds='Student t', paired='paired t', binomial='Wilson score'),
                 variants=variants, differences=diffs, warnings=warns, notes=notes)
