@@ -53,7 +53,7 @@ def _distill_options(teacher:str='auto', # a teacher checkpoint, a RobustBench n
                      teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
                      teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default $IGDMFAST_TEACHERS, else models/)
                      inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone, Table 6's teacher-free recipe)
-                     igdm_bn:str='update', # BatchNorm in IGDM's student forwards: 'update' (the official code), 'keep', 'eval', 'recalibrate'
+                     igdm_bn:str='update', # BatchNorm in IGDM's forwards: 'update' (official), 'keep' (better at large eps: tutorial 07), 'eval', 'recalibrate'
                      student:str='tiny_mobilenet_cifar', # any registered or timm model name
                      **kwargs): "The teacher and student options of `train` and `compare`."
 

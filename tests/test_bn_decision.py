@@ -21,3 +21,13 @@ def test_decision_is_the_scripts_output():
     before = DECISION.read_text()
     runpy.run_path(str(DECISION.parent/'decide.py'), run_name='__main__')
     assert DECISION.read_text() == before, "decision.json is stale: rerun experiments/bn/decide.py and commit it"
+
+def test_readme_quotes_the_pilot():
+    "The README's IGDM paragraph quotes the pilot's numbers as decision.json has them (never typed apart from the data)."
+    import re
+    d = json.loads(DECISION.read_text())['pilot']
+    readme = (DECISION.parents[2]/'README.md').read_text()
+    m = re.search(r"`'keep'` gained ([\d.]+) AutoAttack points over `'update'`\s+and ([\d.]+) over the student without IGDM", readme)
+    assert m, "README.md's IGDM paragraph no longer quotes the pilot"
+    assert d['choice'] == 'keep'
+    assert m.group(1) == f"{d['minus_update']['keep']['mean']:.2f}" and m.group(2) == f"{d['minus_base']['keep']['mean']:.2f}"
