@@ -11,7 +11,7 @@ from fastcore.basics import AttrDict
 from fastcore.meta import delegates
 from .core import seed_everything
 from .options import (CLIError, aa_note, check_model_name, check_seed, cpu_threads, is_main, n_processes, parse_device,
-                              parse_precision, parse_seeds, parse_threat)
+                              parse_keep, parse_precision, parse_seeds, parse_threat)
 from .runfolder import RunFolder, run_config, write_json
 from .runs import (check_models, check_training, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
                            probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir)
@@ -87,12 +87,49 @@ def _print_table(results, aligned={}):
     rows = {n: {**r, **{k: aligned[n][k] for k in ('gd', 'gc')}} if n in aligned else r for n, r in results.items()}
     print('\n' + markdown_table(rows, _table_columns(rows), first='model'), end='')
 
+def _holdout(dls, kept:dict, seed:int)->tuple:
+    "`(dls, held-out loader)`: with `--keep best|swa`, the seeded class-stratified hold-out carved from the training images (else `(dls, None)`)."
+    if kept['holdout'] is None: return dls, None
+    from igdmfast.callback.averaging import holdout_split
+    try: return holdout_split(dls, n=kept['holdout'], seed=seed)
+    except ValueError as e: raise CLIError(f"--holdout {kept['holdout']}: {e}") from None
+
+def _kept_names(s_name:str, kept:dict, epochs:int)->tuple:
+    "The report's names of the kept weights (the student, as student.pt holds it) and of the last epoch's (epochs from 0, as history.csv)."
+    what = (f"best robust epoch {kept['epoch']}" if kept['keep'] == 'best' else
+            f"SWA of epochs {kept['start_epoch']}–{epochs - 1}")
+    base = s_name[len('student ('):-1]
+    return f"student ({base}; kept: {what})", f"last epoch ({base}; epoch {epochs - 1}, not kept)"
+
+def _model_with(arch:str, dls, state:dict):
+    "A new `arch` for `dls` holding the weights `state`, in eval mode, on the data's device."
+    from igdmfast.runs import build_model
+    m = build_model(arch, dls)
+    m.load_state_dict(state)
+    return m.to(dls.device).eval()
+
+def _kept_note(kept:dict, held, o)->str:
+    "The report's sentence on `--keep`: what student.pt holds, chosen how, and what the row of the last epoch is."
+    n = f"{len(held.dataset)} training images held out (seed {o.seed}; never trained on, never the validation images)" if held is not None else None
+    if kept['keep'] == 'best':
+        what = (f"the epoch with the highest PGD-{kept['holdout_attack'][3:]} accuracy on {n}, measured every {o.keep_every} epoch(s) "
+                f"and after the last: epoch {kept['epoch']} (from 0, as in history.csv; {100 * kept['holdout_acc']:.1f}% there)")
+    else:
+        what = (f"the SWA average of epochs {kept['start_epoch']}–{o.epochs - 1} ({kept['n_averaged']} epoch{'s' * (kept['n_averaged'] != 1)}), BatchNorm recomputed on "
+                f"{'the method' + chr(39) + 's x′' if kept['bn_on'] == 'adv' else 'clean images'}"
+                + (f"; the robust-validation curve is on {n}" if n else ''))
+    return (f" --keep {kept['keep']}: student.pt (the 'student' row) holds {what}. The 'last epoch' row is the last epoch's weights, "
+            "evaluated the same way on the same images.")
+
 # %% ../nbs/10_cli.ipynb #7df59547
 @delegates(_distill_options)
 def train(method:str='adaad', # adversarial-distillation method (see igdmfast.methods.METHODS)
           igdm:bool=True, # add the IGDM term
           alpha:float|None=None, # IGDM's alpha (default: the paper's table)
           out:str='runs/train', # run folder
+          keep:str='last', # the weights student.pt holds: 'last' (the last epoch's, as the paper), 'best' (the most robust epoch on held-out training images) or 'swa' (averaged); the report shows the last epoch's beside them
+          keep_every:int=1, # with --keep best/swa: measure the robust accuracy (PGD-10) on the held-out images every this many epochs (and after the last)
+          holdout:float=0.1, # with --keep best/swa: training images held out (never trained on) for that measurement, a count or a fraction; 0 with swa: none
           **kwargs)->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from igdmfast.methods import get_method
@@ -101,30 +138,37 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
     from igdmfast.plots import plot_grad_cosines, plot_training_curves
     o = _options(train, locals())
     sched, prec = check_training(o)
+    kept = parse_keep(keep, keep_every, holdout)
     get_method(method)   # fail fast, before any training
     t_file = check_models(o)
     threat, dev = parse_threat(o.eps, o.step, o.steps), parse_device(o.device)
     with RunFolder(out, o.resume, o.force, inputs=t_file, active=is_main()) as rf:
         seed_everything(o.seed)
-        dls = run_dls(o, dev)
+        dls, held = _holdout(run_dls(o, dev), kept, o.seed)
         t_model = load_teacher_arg(o.teacher, dev, o.teacher_arch, o.data, o.teacher_dir, dls.c) if o.teacher != 'auto' else None
         probe_models(o, dls)   # a student that cannot take these images is refused before the teacher trains
-        cfg = run_settings(o, 'train', dev, sched, **file_sha256(t_file))
+        cfg = run_settings(o, 'train', dev, sched, **file_sha256(t_file), holdout=len(held.dataset) if held is not None else None)
         out = rf.claim(cfg)
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, o.resume, o.seed, prec, sched)
         learn, student_s = distill_student(t_model, o.student, dls, method, igdm, alpha, threat, o.epochs, o.lr, out, o.resume, o.seed,
-                                           prec, sched, o.inner, o.igdm_bn)
+                                           prec, sched, o.inner, o.igdm_bn, kept, held)
         if not is_main(): return {}   # rank 0 evaluates and writes the report
         t_name = f'teacher ({o.teacher_arch if o.teacher == "auto" else Path(o.teacher).name})'
         s_name = f"student ({o.student}, {method}{'+IGDM' if igdm else ''})"
-        results = _evaluated({t_name: t_model, s_name: learn.model}, dls, threat, o)
-        aligned = {s_name: grad_alignment(learn.model, t_model, dls.valid, seed=o.seed)}
-        plots = [plot_grad_cosines({s_name: aligned[s_name]['per_sample_gc']}, out/'grad_cosines.png'),
+        students = {s_name: learn.model}
+        if learn.kept:   # student.pt holds the kept weights; the last epoch's are evaluated beside them, the same way
+            s_name, last_name = _kept_names(s_name, learn.kept, o.epochs)
+            students = {s_name: learn.model, last_name: _model_with(o.student, dls, learn.last_state)}
+        results = _evaluated({t_name: t_model, **students}, dls, threat, o)
+        aligned = {n: grad_alignment(m, t_model, dls.valid, seed=o.seed) for n, m in students.items()}
+        plots = [plot_grad_cosines({n: a['per_sample_gc'] for n, a in aligned.items()}, out/'grad_cosines.png'),
                  plot_training_curves(out/'history.csv', out/'training_curves.png')]
         save_report(results, out, name='igdmfast train', alignment=aligned, plots=[p.name for p in plots],
-                    notes=run_notes(o, dls, threat) + f" Teacher {teacher_s:.1f} s, student {student_s:.1f} s of training.",
-                    extra=dict(seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)), config=dict(cfg, alpha_used=learn.alpha)))
+                    notes=run_notes(o, dls, threat) + f" Teacher {teacher_s:.1f} s, student {student_s:.1f} s of training."
+                          + (_kept_note(learn.kept, held, o) if learn.kept else ''),
+                    extra=dict(seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)), config=dict(cfg, alpha_used=learn.alpha),
+                               **({'kept': dict(learn.kept, holdout=cfg['holdout'], every=keep_every)} if learn.kept else {})))
         metrics = json.loads((out/'metrics.json').read_text())
         _print_table(results, aligned)
         print(f"Run folder: {out}  (teacher.pt, student.pt, checkpoints, history.csv, config.json, metrics.json, report.md, plots)")
@@ -189,6 +233,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     from igdmfast.alignment import grad_alignment
     from igdmfast.report import save_report
     from igdmfast.plots import plot_acc_vs_eps
+    from igdmfast.precision import as_attack_dtype
     o = _options(evaluate, locals())
     for f in [model] + ([teacher] if teacher else []):
         if not Path(f).is_file(): raise FileNotFoundError(f"Checkpoint {f!r} not found.")
@@ -216,7 +261,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
         plots = [plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name] if curve else []
         save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
                     notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}; "
-                          f"attacks in {'float32' if attack_dtype in (None, 'fp32', 'float32') else attack_dtype} (scored in float32).",
+                          f"attacks in {'float32' if as_attack_dtype(attack_dtype) is None else attack_dtype} (scored in float32).",
                     extra=dict(config=cfg))
         _print_table({name: dict(res)}, aligned)
         for w in res.warnings: print(f"warning: {w}")

@@ -8,9 +8,9 @@ import math, os, platform
 import torch
 
 # %% auto #0
-__all__ = ['MAX_SEED', 'CLIError', 'n_processes', 'is_main', 'parse_device', 'check_numbers', 'parse_threat', 'parse_schedule',
-           'parse_precision', 'check_seed', 'parse_seeds', 'check_model_name', 'check_inner_arg', 'check_igdm_bn_arg',
-           'run_versions', 'cpu_threads', 'aa_note']
+__all__ = ['MAX_SEED', 'KEEP_CHOICES', 'CLIError', 'n_processes', 'is_main', 'parse_device', 'check_numbers', 'parse_threat',
+           'parse_schedule', 'parse_precision', 'check_seed', 'parse_seeds', 'check_model_name', 'check_inner_arg',
+           'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note', 'parse_keep']
 
 # %% ../nbs/14a_options.ipynb #fc429356
 class CLIError(Exception):
@@ -181,3 +181,22 @@ def aa_note(n_aa:int, # `--n-aa`
     if not n: return "AutoAttack skipped (--n-aa 0)"
     return (f"AutoAttack (standard) on a seeded subset of {n}" if n < len(dls.valid.dataset) else
             f"AutoAttack (standard) on all {n} validation images" + (f" (--n-aa {n_aa} asked for more)" if n_aa > n else ""))
+
+# %% ../nbs/14a_options.ipynb #89848b22
+KEEP_CHOICES = ('last', 'best', 'swa')   # `--keep`: the weights a `train` run's student.pt holds
+
+def parse_keep(keep:str='last', # `--keep`: 'last' (the last epoch's weights, as the paper), 'best' (the most robust epoch on held-out training images) or 'swa'
+               keep_every:int=1, # `--keep-every`: measure the held-out robust accuracy every this many epochs (and after the last)
+               holdout:float=0.1, # `--holdout`: held-out training images, a count (e.g. 500) or a fraction in (0, 1); 0 with 'swa': none
+              )->dict:
+    "`--keep` and its options, checked: `dict(keep, every, holdout)` with `holdout` an int count, a float fraction or None (no hold-out)."
+    if keep not in KEEP_CHOICES: raise CLIError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}.")
+    if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 1:
+        raise CLIError(f"--keep-every must be a positive number of epochs, got {keep_every!r}.")
+    if not (isinstance(holdout, (int, float)) and math.isfinite(holdout) and holdout >= 0) or (holdout >= 1 and holdout != int(holdout)):
+        raise CLIError(f"--holdout must be a number of training images (e.g. 500) or a fraction of them in (0, 1), got {holdout!r}.")
+    n = None if holdout == 0 else int(holdout) if holdout >= 1 else float(holdout)
+    if n is None and keep == 'best':
+        raise CLIError("--keep best chooses the epoch on held-out training images: give --holdout a count or a fraction (e.g. 0.1), not 0.")
+    return dict(keep=keep, every=keep_every, holdout=n if keep != 'last' else None)
+

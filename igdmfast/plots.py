@@ -114,7 +114,10 @@ def plot_training_curves(history, # a fastai `CSVLogger` file (history.csv), a `
     for ax, (g, names) in zip(axs, groups.items()):
         for n in names:
             vals = [v * 100 for v in cols[n]] if g == 'acc' else cols[n]
-            ax.plot(epochs, vals, marker='o', label=n)
+            if n.startswith('holdout_'):   # measured every k epochs (`--keep-every`): the unmeasured ones (#na#) are skipped
+                xs, vals = zip(*[(e, v) for e, v in zip(epochs, vals) if math.isfinite(v)]) if any(map(math.isfinite, vals)) else ((), ())
+                ax.plot(xs, vals, marker='s', ls='--', label=f"{n} (robust validation)")
+            else: ax.plot(epochs, vals, marker='o', label=n)
         ax.set_xlabel('epoch (from 0, as in history.csv)'); ax.set_ylabel(ylabels[g]); ax.grid(alpha=0.3); ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)   # whole epochs only, one run of one epoch included

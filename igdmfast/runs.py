@@ -14,9 +14,9 @@ from .runfolder import write_json
 
 # %% auto #0
 __all__ = ['robustbench_datasets', 'teacher_files', 'load_model_arg', 'load_teacher_arg', 'EpochLines', 'fit_epochs',
-           'learner_kwargs', 'build_model', 'train_teacher', 'distill_student', 'check_training', 'check_models',
-           'probe_model', 'probe_models', 'file_sha256', 'run_dls', 'run_settings', 'run_notes', 'variant_dir',
-           'measured']
+           'keep_callbacks', 'load_kept', 'learner_kwargs', 'build_model', 'train_teacher', 'distill_student',
+           'check_training', 'check_models', 'probe_model', 'probe_models', 'file_sha256', 'run_dls', 'run_settings',
+           'run_notes', 'variant_dir', 'measured']
 
 # %% ../nbs/14_runs.ipynb #6d125c5e
 def robustbench_datasets(teacher:str, # a RobustBench name
@@ -135,14 +135,46 @@ def fit_epochs(learn, # a learner of `adv_learner` or `distill_learner`
     _set_milestones(learn, epochs, sched)
     start = _resume_point(learn, ckpt, resume)
     # a resumed fit rewrites the CSV history from the start: `Checkpoint` replays the finished epochs' lines
-    if start >= epochs: return start, 0.   # the run had finished: nothing left to train
+    # the run had finished: nothing left to train; but `--keep`'s callbacks hold their state (best or averaged weights)
+    # in the checkpoint, and only a fit hands it back to them: one whose every epoch is skipped
+    if start >= epochs and not _keeps(learn): return start, 0.
     t = time.time()
     # several processes (accelerate launch / torchrun): fastai's distrib_ctx wraps the student in DDP and shards the
     # data; SyncBatchNorm where PyTorch has it (GPUs). In a single process it changes nothing.
     with learn.distrib_ctx(sync_bn=learn.dls.device.type == 'cuda'):
         if sched['protocol'] == 'paper': learn.fit(epochs, start_epoch=start)
         else: learn.fit_one_cycle(epochs, start_epoch=start)
-    return start, time.time() - t
+    return start, (time.time() - t if start < epochs else 0.)
+
+def _keeps(learn)->bool:
+    "Whether `learn` has a callback of `--keep` (`keep_callbacks`)."
+    from igdmfast.callback.averaging import BestRobust, WeightAveraging
+    return any(isinstance(cb, (BestRobust, WeightAveraging)) for cb in learn.cbs)
+
+def keep_callbacks(keep:dict|None, # `options.parse_keep`'s result (None: 'last')
+                   holdout=None, # the held-out loader of `callback.averaging.holdout_split` (None: no robust-validation column)
+                   seed:int=0, # the run's seed: the attack's random starts, the BatchNorm pass of SWA
+                  )->list:
+    "The callbacks of `--keep`: each leaves the last epoch's weights in the model at the end of the fit; `load_kept` then loads the kept ones."
+    from igdmfast.callback.averaging import BestRobust, WeightAveraging
+    k = (keep or {}).get('keep', 'last')
+    if k == 'last': return []
+    log = [BestRobust(holdout, every=keep['every'], seed=seed, load_best=False)] if holdout is not None else []
+    return log + ([WeightAveraging('swa', at_end=False, bn_seed=seed)] if k == 'swa' else [])
+
+def load_kept(learn, # a learner fitted with `keep_callbacks`
+              keep:str, # 'best' or 'swa'
+             )->dict:
+    "Put the weights `keep` names into `learn.model` (the fit left the last epoch's there); what they are, for the report and student.pt."
+    from igdmfast.core import unwrap
+    if keep == 'best':
+        br = learn.best_robust
+        if br.best_state is None: raise ValueError("--keep best: no epoch's robust accuracy on the held-out images was measured.")
+        unwrap(learn.model).load_state_dict(br.best_state)
+        return dict(keep='best', epoch=br.best_epoch, holdout_acc=br.best, holdout_attack=f'pgd{br.n_steps}')
+    swa = learn.swa
+    swa.load_average()
+    return dict(keep='swa', start_epoch=swa.start_epoch, n_averaged=swa.n_averaged, bn_on=swa.bn_on)
 
 def learner_kwargs(prec, # `parse_precision`'s result (anything else: the defaults)
                    lr:float|None=None, # `--lr` (None: the protocol's)
@@ -209,6 +241,8 @@ def distill_student(t_model, # the teacher
                     resume:bool, seed:int, # continue a killed run; the seed of the student and the data order
                     prec=None, sched=None, inner=None, # `parse_precision`'s and `parse_schedule`'s results, `--inner`
                     igdm_bn:str='update', # `--igdm-bn`: whether IGDM's forward at x − δ updates BatchNorm's running statistics
+                    keep:dict|None=None, # `options.parse_keep`'s result: the weights student.pt holds (None: the last epoch's)
+                    holdout=None, # the held-out loader of `holdout_split` (`--keep best`, and the robust-validation column of 'swa')
                    )->tuple:
     "Distill `t_model` into a fresh seeded `student` in folder `out` (checkpoint.pt, history.csv, student.pt); returns (learner, seconds)."
     from igdmfast.core import seed_everything
@@ -218,11 +252,18 @@ def distill_student(t_model, # the teacher
     s_model = build_model(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
     learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner, igdm_bn=igdm_bn,
-                            cbs=_history_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()], **learner_kwargs(prec, lr, sched))
+                            cbs=_history_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()] + keep_callbacks(keep, holdout, seed),
+                            **learner_kwargs(prec, lr, sched))
     _plain_progress(learn)
     start, secs = fit_epochs(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
+    k = (keep or {}).get('keep', 'last')
+    learn.last_state, learn.kept = None, None   # with `--keep best|swa`: the last epoch's weights (for the report), what student.pt holds
+    if k != 'last':
+        from igdmfast.core import unwrap
+        learn.last_state = {n: v.detach().to('cpu', copy=True) for n, v in unwrap(learn.model).state_dict().items()}
+        learn.kept = load_kept(learn, k)
     if is_main(): learn.export_student('student.pt', arch=student, method=method, igdm=igdm, alpha=learn.alpha, epochs=epochs, seed=seed,
-                                        input_size=_input_size(dls))
+                                        input_size=_input_size(dls), **({'kept': learn.kept} if learn.kept else {}))
     learn.seconds_per_epoch = secs / (epochs - start) if epochs > start else None
     return learn, secs
 
