@@ -233,6 +233,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
     from igdmfast.alignment import grad_alignment
     from igdmfast.report import save_report
     from igdmfast.plots import plot_acc_vs_eps
+    from igdmfast.precision import as_attack_dtype
     o = _options(evaluate, locals())
     for f in [model] + ([teacher] if teacher else []):
         if not Path(f).is_file(): raise FileNotFoundError(f"Checkpoint {f!r} not found.")
@@ -260,7 +261,7 @@ def evaluate(model:str, # checkpoint of the model to evaluate
         plots = [plot_acc_vs_eps({name: c}, out/'acc_vs_eps.png').name] if curve else []
         save_report({name: res}, out, name=f'igdmfast eval {name}', alignment=aligned, plots=plots,
                     notes=f"{data}: {res.n} validation images{' (seeded subset)' if res.subset else ''}, {threat!r}; "
-                          f"attacks in {'float32' if attack_dtype in (None, 'fp32', 'float32') else attack_dtype} (scored in float32).",
+                          f"attacks in {'float32' if as_attack_dtype(attack_dtype) is None else attack_dtype} (scored in float32).",
                     extra=dict(config=cfg))
         _print_table({name: dict(res)}, aligned)
         for w in res.warnings: print(f"warning: {w}")

@@ -26,6 +26,7 @@ from .core import ThreatModel, eval_mode, unwrap
 from .attacks import pgd
 from .methods import get_method, table_alpha
 from .callback.adversarial import AdvExamples, AdvDistill, DistillStat, prepare_teacher
+from .precision import as_attack_dtype
 from .distributed import DistribTrainer   # also patches fastai's `Learner.distrib_ctx`
 from fastai.torch_core import rank_distrib
 import igdmfast.models  # noqa: F401  (registers the CIFAR models with timm)
@@ -51,9 +52,27 @@ PROTOCOLS = {
 }
 
 # %% ../nbs/07_learner.ipynb #16a5f9dd
+class _Owned:
+    "A read-only setting of `AdvLearner` that a callback owns: `get(cb)` read from the learner's callback `cb_name` (None without it)."
+    def __init__(self, cb_name:str, get:Callable, what:str): self.cb_name, self.get, self.what = cb_name, get, what
+    def __set_name__(self, owner, name): self.name = name
+    def __get__(self, learn, owner=None):
+        if learn is None: return self
+        cb = vars(learn).get(self.cb_name)   # the instance's own: never fastai's delegation to the model
+        return None if cb is None else self.get(cb)
+    def __set__(self, learn, value):
+        raise AttributeError(f"learn.{self.name} is read-only: {self.what} belongs to the {self.cb_name} callback "
+                             f"(learn.{self.cb_name}); pass {self.name}= to distill_learner/adv_learner to choose it.")
+
 class AdvLearner(Learner):
     "A fastai `Learner` for adversarial training/distillation whose fit methods have a default epoch count."
     default_epochs = 10
+    attack_dtype = _Owned('adv_examples', lambda cb: cb.dtype, "the attack's precision in use (float32/None after a fallback)")
+    threat = _Owned('adv_examples', lambda cb: cb.threat, "the training perturbation")
+    fold_bn = _Owned('adv_examples', lambda cb: cb.fold_bn, "BatchNorm folding")
+    igdm = _Owned('adv_distill', lambda cb: cb.igdm, "the IGDM switch")
+    igdm_bn = _Owned('adv_distill', lambda cb: cb.igdm_bn, "IGDM's BatchNorm treatment")
+    alpha = _Owned('adv_distill', lambda cb: cb.alpha if cb.igdm else None, "IGDM's alpha (None without IGDM)")
     def _n(self, n_epoch): return self.default_epochs if n_epoch is None else n_epoch
     def fit(self, n_epoch=None, *args, **kwargs): return super().fit(self._n(n_epoch), *args, **kwargs)
     def fit_one_cycle(self, n_epoch=None, *args, **kwargs): return super().fit_one_cycle(self._n(n_epoch), *args, **kwargs)
@@ -184,12 +203,6 @@ def _channels_last(channels_last, dls, *models)->bool:
         if on and m is not None: to_channels_last(m)
     return on
 
-def _attack_dtype(attack_dtype, dls, bf16):
-    "The attack precision of the learners' `attack_dtype`: 'auto' follows `default_attack_dtype` for the data's device."
-    from igdmfast.precision import as_attack_dtype, default_attack_dtype
-    if isinstance(attack_dtype, str) and attack_dtype.lower() == 'auto': return default_attack_dtype(dls.device, bf16)
-    return as_attack_dtype(attack_dtype)
-
 def _as_model(m, dls, who):
     "`m` as a network: a module as it is; a checkpoint file or a RobustBench name loaded (`load_teacher`); a timm name built."
     if isinstance(m, nn.Module): return m
@@ -253,13 +266,12 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
               + ("" if exact else f" (no row for {getattr(dls, 'name', 'this data')}/{_arch(student)}: the default row)") + ".")
     if check_teacher: _warn_if_not_robust(teacher, dls, threat)
     dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn)
-    attack_dtype = _attack_dtype(attack_dtype, dls, bf16)
+    attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
     cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], student, bf16, compile)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     learn = _learner(student, dls, cbs, metrics + [DistillStat(k) for k in dist.stat_names], protocol, epochs, learner_kwargs)
-    store_attr('method,inner,igdm,alpha,igdm_bn,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, inner=m.inner_name,
-               igdm=igdm, alpha=alpha, igdm_bn=igdm_bn, threat=threat, protocol=protocol, fold_bn=fold_bn, bf16=bf16, compile=compile,
-               attack_dtype=attack_dtype)
+    # the learner's own settings; the callbacks' (threat, fold_bn, attack_dtype, igdm, alpha, igdm_bn) are `AdvLearner`'s properties
+    store_attr('method,inner,protocol,bf16,compile', self=learn, method=m.name, inner=m.inner_name, protocol=protocol, bf16=bf16, compile=compile)
     learn.nhwc = channels_last   # not `channels_last`: fastai's load_learner reads that name as its own mixed-precision flag
     return learn
 
@@ -292,11 +304,10 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
     check_compatible(model, None, dls)
     dist = AdvDistill(m, None, igdm=False, loss_kwargs=loss_kwargs)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
-    attack_dtype = _attack_dtype(attack_dtype, dls, bf16)
+    attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
     cbs = _speed([AdvExamples(m, None, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], model, bf16, compile)
     learn = _learner(model, dls, cbs, metrics + [DistillStat('base_loss')], protocol, epochs, learner_kwargs)
-    store_attr('method,threat,protocol,fold_bn,bf16,compile,attack_dtype', self=learn, method=m.name, threat=threat, protocol=protocol,
-               fold_bn=fold_bn, bf16=bf16, compile=compile, attack_dtype=attack_dtype)
+    store_attr('method,protocol,bf16,compile', self=learn, method=m.name, protocol=protocol, bf16=bf16, compile=compile)
     learn.nhwc = channels_last   # not `channels_last`: fastai's load_learner reads that name as its own mixed-precision flag
     return learn
 

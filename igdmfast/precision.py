@@ -22,10 +22,15 @@ __all__ = ['DEFAULT_LOSS_SCALE', 'as_attack_dtype', 'cpu_flags', 'cpu_model', 'n
 _DTYPE_NAMES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
                 'half': torch.float16, 'fp32': None, 'float32': None, 'none': None, 'off': None}
 
-def as_attack_dtype(dtype, # None, a torch dtype (float32, bfloat16, float16) or a name: 'bf16', 'fp16', 'fp32', 'off', ...
+def as_attack_dtype(dtype, # None, a torch dtype (float32, bfloat16, float16), a name: 'bf16', 'fp16', 'fp32', 'off', ..., or 'auto'
+                    device=None, # for 'auto': where the attack runs ('cpu', 'cuda', a torch.device); 'auto' without it is an error
+                    bf16:bool=False, # for 'auto': the learner's `bf16` (see `default_attack_dtype`)
                    )->torch.dtype|None:
-    "The attack's reduced precision as a torch dtype, or None for float32 (no autocast)."
+    "The attack's reduced precision as a torch dtype, or None for float32 (no autocast): the one place a precision is normalised."
     if dtype is None or dtype == torch.float32: return None
+    if isinstance(dtype, str) and dtype.lower() == 'auto':
+        if device is None: raise ValueError("attack_dtype='auto' depends on the device and `bf16`: pass device= (or a precision).")
+        return default_attack_dtype(device, bf16)
     if dtype in (torch.bfloat16, torch.float16): return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES: return _DTYPE_NAMES[dtype.lower()]
     raise ValueError(f"Unknown attack precision {dtype!r}: use None / torch.float32 (off), torch.bfloat16 ('bf16') or "

@@ -349,7 +349,8 @@ class ResumeFit(Callback):
         if d: self._problem(f"the hyper-parameter schedule differs ({d}): pass the same lr_max/div/pct_start/moms")
         now = _learner_info(self.learn)
         for k, v in ck.get('learner', {}).items():
-            if k in now and now[k] != v: self._problem(f"the learner's {k} is {now[k]!r} but was {v!r}")
+            # a setting the checkpoint did not record (None: e.g. `igdm` of an `adv_learner` before #27) is not compared
+            if k in now and v is not None and now[k] != v: self._problem(f"the learner's {k} is {now[k]!r} but was {v!r}")
 
     def _load_callbacks(self):
         "Hand each stateful callback its saved state (`load_checkpoint_state`), after its own `before_fit` reset it."
