@@ -57,9 +57,41 @@ digits() {  # setting 1's grid (README.md): base, update and VARIANT for ARD, RS
     student digits/adaad_tf_igdm_${VARIANT}_s$s --method adaad --inner student_ce --igdm --alpha 5 --igdm-bn $VARIANT --seed $s
   done
 }
+# setting 2 (README.md, "Setting 2's sizing pilot"): Fashion-MNIST (the shared .npz: 23,000 train, 10,000 test) at 0.1
+FDATA=../shared/data/fashion_mnist.npz
+FCOMMON=(--data $FDATA --eps 25.5 --steps 10 --bs 128 --resume)
+faa() {  # RUN_FOLDER WEIGHTS N: AutoAttack on the same seeded N test images for every run
+  [ -f ${1}_aa/metrics.json ] || run ${1}_aa.log "$IGDMFAST" eval $1/$2 --data $FDATA --eps 25.5 --attacks aa --n $3 --seed 0 --out ${1}_aa
+}
+fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack on 200 (timing only)
+  local d=$OUT/fashion/timing; mkdir -p $d
+  [ -f $d/teacher/metrics.json ] || run $d/teacher.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch small_cnn --method pgd_at --epochs 1 --n-train 2000 --n-valid 200 --n-aa 0 --seed 0 --out $d/teacher
+  local S=(--student tiny_mobilenet_cifar --teacher $d/teacher/teacher.pt --n-aa 0 --epochs 1 --n-train 2000 --n-valid 200 --seed 0)
+  [ -f $d/ard/metrics.json ] || run $d/ard.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --no-igdm --out $d/ard
+  [ -f $d/ard_igdm_keep/metrics.json ] || run $d/ard_igdm_keep.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --igdm --alpha 5 --igdm-bn keep --out $d/ard_igdm_keep
+  [ -f $d/adaad/metrics.json ] || run $d/adaad.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad
+  faa $d/ard student.pt 200
+}
+fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE=<teacher epochs, default E>]
+  : "${N:?set N (README.md step 2)}" "${E:?set E}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
+  local d=$OUT/fashion/size_n${N}_e${E}; mkdir -p $d
+  local t=$d/teacher_${TA}_e$TE
+  [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $t
+  faa $t teacher.pt 1000
+  [ -f $d/pgdat_student/metrics.json ] || run $d/pgdat_student.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch tiny_mobilenet_cifar --method pgd_at --epochs $E --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $d/pgdat_student
+  faa $d/pgdat_student teacher.pt 1000
+  local S=(--student tiny_mobilenet_cifar --teacher $t/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --seed 0 --method ard --no-igdm)
+  [ -f $d/ard_s0/metrics.json ] || run $d/ard_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $E --out $d/ard_s0
+  faa $d/ard_s0 student.pt 1000
+  if [ "${GATE:-0}" = 1 ]; then
+    [ -f $d/ard_2e_s0/metrics.json ] || run $d/ard_2e_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $((2*E)) --out $d/ard_2e_s0
+  fi
+}
 case ${1:-pilot} in
   pilot) pilot ;;
   digits) digits ;;
   all) pilot; digits ;;
-  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all]"; exit 2 ;;
+  fashion_time) fashion_time ;;
+  fashion_size) fashion_size ;;
+  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size]"; exit 2 ;;
 esac
