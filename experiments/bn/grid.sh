@@ -28,7 +28,12 @@ T=experiments/convergent/grid/teacher/teacher.pt
 STUDENT=(--student tiny_mobilenet_cifar --teacher $T --n-aa 0 --epochs 160)
 declare -A ALPHA=([ard]=5 [rslad]=0.9 [adaad]=5)   # the convergent grid's alphas, unchanged
 
-run() { local log=$1; shift; if [ "${DRY:-0}" = 1 ]; then echo "$*"; else "$@" > "$log" 2>&1; fi; }   # LOG, then the command
+run() {  # LOG, then the command; with TIMEFILE set, its CPU seconds are appended there
+  local log=$1; shift
+  if [ "${DRY:-0}" = 1 ]; then echo "$*"
+  elif [ -n "${TIMEFILE:-}" ]; then /usr/bin/time -f "$(basename $log .log),%U,%S,%e" -a -o $TIMEFILE "$@" > "$log" 2>&1
+  else "$@" > "$log" 2>&1; fi
+}
 student() {  # NAME, then the variant's train options: train (unless finished), then AutoAttack on all 360 images
   local name=$1; shift
   if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${name//\//_}" 2>/dev/null || return 0; fi
@@ -63,14 +68,21 @@ FCOMMON=(--data $FDATA --eps 25.5 --steps 10 --bs 128 --resume)
 faa() {  # RUN_FOLDER WEIGHTS N: AutoAttack on the same seeded N test images for every run
   [ -f ${1}_aa/metrics.json ] || run ${1}_aa.log "$IGDMFAST" eval $1/$2 --data $FDATA --eps 25.5 --attacks aa --n $3 --seed 0 --out ${1}_aa
 }
-fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack on 200 (timing only)
+fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack on 200 (timing only): CPU seconds in *.time
   local d=$OUT/fashion/timing; mkdir -p $d
+  local TIMEFILE=$d/cpu_seconds.csv   # run() appends "name,user s,system s,wall s" per command
   [ -f $d/teacher/metrics.json ] || run $d/teacher.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch small_cnn --method pgd_at --epochs 1 --n-train 2000 --n-valid 200 --n-aa 0 --seed 0 --out $d/teacher
   local S=(--student tiny_mobilenet_cifar --teacher $d/teacher/teacher.pt --n-aa 0 --epochs 1 --n-train 2000 --n-valid 200 --seed 0)
   [ -f $d/ard/metrics.json ] || run $d/ard.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --no-igdm --out $d/ard
   [ -f $d/ard_igdm_keep/metrics.json ] || run $d/ard_igdm_keep.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --igdm --alpha 5 --igdm-bn keep --out $d/ard_igdm_keep
   [ -f $d/adaad/metrics.json ] || run $d/adaad.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad
   faa $d/ard student.pt 200
+  # the same runs with 2 epochs: one epoch's CPU seconds = the difference (start-up and final evaluation cancel)
+  [ -f $d/teacher_e2/metrics.json ] || run $d/teacher_e2.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch small_cnn --method pgd_at --epochs 2 --n-train 2000 --n-valid 200 --n-aa 0 --seed 0 --out $d/teacher_e2
+  S=(--student tiny_mobilenet_cifar --teacher $d/teacher/teacher.pt --n-aa 0 --epochs 2 --n-train 2000 --n-valid 200 --seed 0)
+  [ -f $d/ard_e2/metrics.json ] || run $d/ard_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --no-igdm --out $d/ard_e2
+  [ -f $d/ard_igdm_keep_e2/metrics.json ] || run $d/ard_igdm_keep_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --igdm --alpha 5 --igdm-bn keep --out $d/ard_igdm_keep_e2
+  [ -f $d/adaad_e2/metrics.json ] || run $d/adaad_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad_e2
 }
 fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE=<teacher epochs, default E>]
   : "${N:?set N (README.md step 2)}" "${E:?set E}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
