@@ -19,3 +19,4 @@ from .report import *
 from .distributed import *
 from .stats import *
 from .export import *
+from .ranking import *

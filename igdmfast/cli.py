@@ -18,7 +18,7 @@ from .runs import (check_models, check_training, distill_student, file_sha256, l
 from .report import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
 # %% auto #0
-__all__ = ['train', 'teacher', 'evaluate', 'compare', 'export', 'recalibrate', 'main']
+__all__ = ['train', 'teacher', 'evaluate', 'compare', 'export', 'recalibrate', 'rank', 'main']
 
 # %% ../nbs/10_cli.ipynb #2f7c1a27
 def __getattr__(name):
@@ -405,6 +405,73 @@ def recalibrate(run:str, # a `train` run folder: its config.json and student.pt 
         print(f"Student: {out/'student.pt'}  (evaluate it with: igdmfast eval {out/'student.pt'} --data {cfg['data']} --eps {cfg['eps']:g})")
         return dict(out=str(out), on=on, moved=moved)
 
+# %% ../nbs/10_cli.ipynb #5e7a11c0
+def rank(teachers:str|None=None, # comma-separated candidate teachers (at least two): checkpoint files or RobustBench names
+         student:str='tiny_mobilenet_cifar', # the student's architecture: the criterion uses the images it cannot learn robustly
+         data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
+         references:str|None=None, # comma-separated checkpoints of trained reference students (e.g. `igdmfast teacher --arch STUDENT` runs); default: train them here
+         ref_methods:str='pgd_at,trades', # the teacher-free methods of the reference students trained here
+         ref_seeds:str='0', # comma-separated seeds of the reference students trained here (one per method and seed)
+         ref_epochs:int=10, # epochs of each reference student trained here
+         teacher_arch:str|None=None, # architecture of teacher files that do not record one
+         teacher_dir:str|None=None, # with RobustBench names: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt
+         eps:float=8, # attack radius in 1/255 units (Linf): the unlearnable set's PGD, the references' training and the PGD-20 column
+         step:float|None=None, # attack step size in 1/255 units (default eps/4, as the authors)
+         steps:int=10, # PGD steps of the unlearnable set's attack and of the references' training (the authors': 10)
+         bs:int=128, # batch size
+         lr:float|None=None, # learning rate of the references trained here (default: fastai's one cycle, 3e-3)
+         n_train:int|None=None, # use a seeded class-stratified subset of this many training images
+         n_valid:int|None=None, # measure the accuracies on a seeded class-stratified subset of this many validation images
+         seed:int=0, # the one seed: data subsets, attacks' random starts
+         out:str='runs/rank', # report folder: ranking.md, ranking.json, config.json and the references trained here
+         force:bool=False, # overwrite a folder that holds another run
+         device:str='auto', # cpu, cuda, cuda:N or auto
+        )->dict:
+    "Rank candidate teachers before distilling: predictive entropy on the student's robustly unlearnable training images (Lee & Chung, ICML 2026)."
+    from igdmfast.ranking import check_candidates, rank_teachers, ranking_markdown, reference_students, save_ranking
+    from igdmfast.options import check_numbers
+    from igdmfast.weights import save_weights
+    o = _options(rank, locals())
+    names = [t.strip() for t in (teachers or '').split(',') if t.strip()]
+    if len(names) < 2: raise CLIError(f"--teachers needs at least two candidates to rank, got {len(names)}{': ' + names[0] if names else ''}: give e.g. --teachers a.pt,b.pt,c.pt.")
+    if len(set(names)) < len(names): raise CLIError(f"--teachers lists a teacher twice: {teachers!r}.")
+    refs = [r.strip() for r in (references or '').split(',') if r.strip()]
+    methods = [m.strip() for m in ref_methods.split(',') if m.strip()]
+    try: seeds = parse_seeds(ref_seeds)
+    except CLIError as e: raise CLIError(str(e).replace('--seeds', '--ref-seeds')) from None
+    if not refs:
+        from igdmfast.methods import get_method
+        if not methods: raise CLIError("--ref-methods is empty: give e.g. pgd_at,trades.")
+        for m in methods:
+            if get_method(m).uses_teacher: raise CLIError(f"--ref-methods takes pgd_at or trades (no teacher), not {m!r}.")
+    check_numbers(ref_epochs, bs, steps, lr, 0, None); check_seed(seed); check_model_name(student, '--student')
+    threat, dev = parse_threat(eps, step, steps), parse_device(device)
+    for f in refs:
+        if not Path(f).is_file(): raise FileNotFoundError(f"Reference student {f!r} not found: give checkpoint files (e.g. runs/ref/teacher.pt).")
+    with RunFolder(out, force=force, inputs=names + refs, resumable=False) as rf:
+        seed_everything(seed)
+        dls = run_dls(o, dev)
+        cands = {n: load_teacher_arg(n, dev, teacher_arch, data, teacher_dir, dls.c) for n in names}
+        from igdmfast.weights import read_checkpoint   # a reference file that does not record its architecture is a --student
+        ref_models = {Path(f).as_posix(): load_model_arg(f, None if read_checkpoint(f)[1].get('arch') else student, '--student').to(dev)
+                      for f in refs} or None
+        if not refs: probe_model(student, '--student', dls)
+        check_candidates(cands, dls, ref_models)   # at least two; the data's classes: refused before anything trains or is claimed
+        trained = [f'reference_{m}_seed{s}.pt' for m in methods for s in seeds] if not refs else []
+        cfg = run_settings(o, 'rank-teachers', dev, None, teachers=names, references=refs, ref_methods=methods, ref_seeds=seeds)
+        out = rf.claim(cfg, files=['ranking.md', 'ranking.json', *trained])
+        if not refs:
+            print(f"Training {len(trained)} reference students ({student}; {', '.join(methods)}; seeds {', '.join(map(str, seeds))}; {ref_epochs} epochs)...")
+            ref_models = reference_students(student, dls, methods, seeds, ref_epochs, threat, **({'lr': lr} if lr is not None else {}))
+            for name, m in ref_models.items():
+                save_weights(m, out/f'reference_{name}.pt', arch=student, method=name.split('_seed')[0], seed=int(name.split('_seed')[1]),
+                             epochs=ref_epochs, input_size=[int(dls.in_chans), *map(int, dls.img_size)])
+        res = rank_teachers(cands, student, dls, references=ref_models, threat=threat, seed=seed)
+        save_ranking(res, out, config=cfg)
+        print('\n' + ranking_markdown(res), end='')
+        print(f"Ranking: {out/'ranking.md'}  (ranking.json{', the reference students' if trained else ''})")
+        return res
+
 # %% ../nbs/10_cli.ipynb #02f85a08
 _TYPES = dict(int=int, float=float, str=str)
 
@@ -422,7 +489,7 @@ def _add_options(p, f):
             p.add_argument(flag, dest=name, action=action, default=d['default'], help=help)
         else: p.add_argument(flag, dest=name, type=_TYPES.get(kind, str), default=d['default'], help=help)
 
-_COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate, export=export, **{'recalibrate-bn': recalibrate})
+_COMMANDS = dict(train=train, teacher=teacher, compare=compare, eval=evaluate, export=export, **{'recalibrate-bn': recalibrate, 'rank-teachers': rank})
 
 def _parser():
     "The `igdmfast` parser: a subcommand per command function, its options built from the function's signature."

@@ -23,6 +23,7 @@ COMMAND_FILES = dict(   # the files each command writes in its folder (a teacher
     compare=('config.json', 'result.json', 'compare.json', 'compare.md', 'metrics.json', 'report.md', 'grad_cosines.png',
              'acc_vs_eps.png', 'seeds.png'),
     export=('config.json', 'model.safetensors', 'README.md', 'robustbench.json', 'model.onnx'))
+COMMAND_FILES['rank-teachers'] = ('config.json', 'ranking.md', 'ranking.json')   # + reference_<method>_seed<s>.pt it trains
 VARIANT_FILES = ('config.json', 'checkpoint.pt', 'history.csv', 'student.pt', 'result.json', 'training_curves.png')
 RUN_FILES = tuple(dict.fromkeys(f for fs in (*COMMAND_FILES.values(), TEACHER_FILES, VARIANT_FILES) for f in fs))
 SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.pt', 'result.json')
