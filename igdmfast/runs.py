@@ -202,8 +202,13 @@ def speed_kwargs(kw:dict, # `learner_kwargs`' result
                  who:str, # 'teacher' or 'student'
                  resume:bool, # a resumed run: the recorded choice is given explicitly (no probe, the same numbers)
                 )->dict:
-    "`kw` with the recorded choice in place of each 'auto' on `resume`; explicit options always stay as given."
+    "`kw` with the recorded choice in place of each 'auto' on `resume` (a run from before `AutoSpeed`: the fixed rule it ran with); explicit options stay."
+    from igdmfast.runfolder import run_config
+    from igdmfast.callback.speed import fixed_speed
     rec = recorded_speed(out, who) if resume else None
+    cfg = run_config(Path(out)/'config.json') if resume else None
+    if rec is None and cfg is not None and 'channels_last' not in cfg:   # its config.json predates --channels-last: no probe ran
+        rec = fixed_speed(cfg.get('device', 'cpu'), bf16=bool(kw.get('bf16')))
     if rec is None: return kw
     auto = lambda v: isinstance(v, str) and v.lower() == 'auto'
     return {**kw, **{k: rec[k] for k in ('channels_last', 'attack_dtype') if auto(kw.get(k, 'auto'))}}

@@ -131,3 +131,12 @@ def test_the_cache_is_reused_and_invalidated_by_another_model_or_torch(monkeypat
     monkeypatch.setattr(torch, '__version__', '0.0.0-other')
     learn = build(); fit(learn)                                # another torch: another key
     assert learn.auto_speed.record['source'] == 'probe'
+
+
+def test_a_run_from_before_autospeed_resumes_with_the_fixed_rule(tmp_path):
+    "A config.json without 'channels_last' (written before this option existed): its resume keeps the fixed rule it ran with, no probe."
+    old = tmp_path/'old'; old.mkdir()
+    (old/'config.json').write_text(json.dumps(dict(command='train', device='cpu', attack_dtype='auto')))
+    kw = speed_kwargs(learner_kwargs(None), old, 'student', True)
+    assert kw['channels_last'] is False and kw['attack_dtype'] == 'fp32'
+    assert speed_kwargs(learner_kwargs(None), old, 'student', False)['channels_last'] == 'auto'   # a new run measures
