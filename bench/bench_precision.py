@@ -3,7 +3,7 @@
 pass: the variant it times fastest at its first call, the probe in the warm-up round), for `resnet18_cifar` and
 `tiny_mobilenet_cifar`, timed side by side (interleaved, median) in one run; prints the ratios, the CPU and its load.
 
-    python bench/bench_precision.py [--device cuda] [--bs 64] [--repeats 5] [--threads 1] [--fp16] [--json PATH]
+    python bench/bench_precision.py [--device cuda] [--bs 64] [--repeats 5] [--threads 1] [--fp16] [--auto] [--json PATH]
 """
 from __future__ import annotations
 import copy, os, time
@@ -55,6 +55,7 @@ def main(argv=None):
     p = base_parser(__doc__, bs=64, classes=10, repeats=5)
     p.add_argument('--models', default=','.join(MODELS))
     p.add_argument('--fp16', action='store_true', help='also time float16 autocast (with its loss scale)')
+    p.add_argument('--auto', action='store_true', help="also time the 'auto' side (AutoSpeed's rule on this pass)")
     args = p.parse_args(argv)
     dev = setup(args)
     import timm, igdmfast.models  # noqa: F401
@@ -74,7 +75,7 @@ def main(argv=None):
         model = timm.create_model(name, num_classes=args.classes).to(dev).eval().requires_grad_(False)
         vs = variants(model, args.fp16)
         sides = {k: (lambda m=m: attack_pass(m, x, y)) for k, m in vs.items()}
-        sides['auto'] = auto_side(vs, x, y, dev)
+        if args.auto: sides['auto'] = auto_side(vs, x, y, dev)
         wall, cpu = interleaved(sides, args.repeats, dev)
         for k in sides:
             row = {'model': name, 'side': k, 'ms': 1000 * med(wall[k]), 'speed-up': med(wall['fp32']) / med(wall[k])}
