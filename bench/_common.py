@@ -29,19 +29,26 @@ def setup(args)->torch.device:
     return dev
 
 
-def models(classes:int, seed:int=0):
-    "The benchmark pair: a narrow CIFAR ResNet teacher and a small MobileNet-style student, 32x32 inputs."
-    from igdmfast.models import tiny_resnet_cifar, tiny_mobilenet_cifar
+PAIRS = {'bench': ('tiny_resnet_cifar', 'tiny_mobilenet_cifar', 3, 32),    # (teacher, student, channels, size)
+         'resnet18': ('tiny_resnet_cifar', 'resnet18_cifar', 3, 32),
+         'digits': ('small_cnn', 'tiny_mobilenet_cifar', 1, 8)}           # the main job's pair, on 8x8 digits' shape
+
+
+def models(classes:int, seed:int=0, pair:str='bench'):
+    "The benchmark pair (`PAIRS`; default: a narrow CIFAR ResNet teacher and a small MobileNet-style student, 32x32 inputs)."
+    import timm, igdmfast.models  # noqa: F401
+    t, s, c, _ = PAIRS[pair]
     torch.manual_seed(seed)
-    teacher = tiny_resnet_cifar(num_classes=classes).eval()
-    student = tiny_mobilenet_cifar(num_classes=classes)
+    teacher = timm.create_model(t, num_classes=classes, in_chans=c).eval()
+    student = timm.create_model(s, num_classes=classes, in_chans=c)
     return teacher, student
 
 
-def images(n:int, classes:int, seed:int=0):
-    "CIFAR-shaped images in [0,1] with class structure (igdmfast's `synth_dls` recipe) and their labels, on the CPU."
+def images(n:int, classes:int, seed:int=0, pair:str='bench'):
+    "Images of the pair's shape (CIFAR's by default) in [0,1] with class structure (igdmfast's `synth_dls` recipe) and their labels, on the CPU."
     from igdmfast.data import synth_dls
-    dls = synth_dls(n_train=n, n_valid=1, n_classes=classes, size=32, bs=n, seed=seed, device='cpu')
+    _, _, c, size = PAIRS[pair]
+    dls = synth_dls(n_train=n, n_valid=1, n_classes=classes, size=size, in_chans=c, bs=n, seed=seed, device='cpu')
     ds = dls.train.dataset
     return ds.x.float().div(255) if ds.x.dtype == torch.uint8 else ds.x.clone(), ds.y.clone()
 

@@ -1,11 +1,12 @@
 """The attack pass (one forward and one input gradient, the unit of every PGD step) in float32, under bfloat16 autocast
-(`igdmfast.precision.AutocastModel`), channels-last (`to_channels_last`) and both, for `resnet18_cifar` and
+(`igdmfast.precision.AutocastModel`), channels-last (`to_channels_last`), both, and 'auto' (`AutoSpeed`'s rule on this
+pass: the variant it times fastest at its first call, the probe in the warm-up round), for `resnet18_cifar` and
 `tiny_mobilenet_cifar`, timed side by side (interleaved, median) in one run; prints the ratios, the CPU and its load.
 
-    python bench/bench_precision.py [--device cuda] [--bs 64] [--repeats 5] [--threads 1] [--fp16] [--json PATH]
+    python bench/bench_precision.py [--device cuda] [--bs 64] [--repeats 5] [--threads 1] [--fp16] [--auto] [--json PATH]
 """
 from __future__ import annotations
-import copy, os
+import copy, os, time
 import torch
 import torch.nn.functional as F
 from _common import base_parser, setup, interleaved, med, table, dump, sync  # noqa: F401
@@ -30,10 +31,31 @@ def variants(model, fp16:bool)->dict:
     return out
 
 
+def auto_side(vs:dict, x, y, dev):
+    """The 'auto' side: at its first call (the warm-up round) AutoSpeed's rule on this pass alone: each fp32/bf16 x
+    NCHW/NHWC variant (bf16 only where native) warmed up and timed once, `choose_speed` picks; later calls run the pick."""
+    from igdmfast.callback.speed import choose_speed
+    from igdmfast.precision import native_bf16
+    names = {(False, None): 'fp32', (True, None): 'channels-last', (False, torch.bfloat16): 'bf16', (True, torch.bfloat16): 'bf16 + channels-last'}
+    cands = {c: n for c, n in names.items() if c[1] is None or native_bf16(dev)}
+    state = {}
+    def run():
+        if 'pick' not in state:
+            times = {}
+            for c, n in cands.items():
+                attack_pass(vs[n], x, y)
+                sync(dev); t = time.perf_counter(); attack_pass(vs[n], x, y); sync(dev); times[c] = time.perf_counter() - t
+            state['pick'] = cands[choose_speed(times)]
+            print(f"  auto: {state['pick']} (probe times {dict((cands[c], round(v, 4)) for c, v in times.items())})", flush=True)
+        return attack_pass(vs[state['pick']], x, y)
+    return run
+
+
 def main(argv=None):
     p = base_parser(__doc__, bs=64, classes=10, repeats=5)
     p.add_argument('--models', default=','.join(MODELS))
     p.add_argument('--fp16', action='store_true', help='also time float16 autocast (with its loss scale)')
+    p.add_argument('--auto', action='store_true', help="also time the 'auto' side (AutoSpeed's rule on this pass)")
     args = p.parse_args(argv)
     dev = setup(args)
     import timm, igdmfast.models  # noqa: F401
@@ -53,8 +75,9 @@ def main(argv=None):
         model = timm.create_model(name, num_classes=args.classes).to(dev).eval().requires_grad_(False)
         vs = variants(model, args.fp16)
         sides = {k: (lambda m=m: attack_pass(m, x, y)) for k, m in vs.items()}
+        if args.auto: sides['auto'] = auto_side(vs, x, y, dev)
         wall, cpu = interleaved(sides, args.repeats, dev)
-        for k in vs:
+        for k in sides:
             row = {'model': name, 'side': k, 'ms': 1000 * med(wall[k]), 'speed-up': med(wall['fp32']) / med(wall[k])}
             if dev.type == 'cpu': row.update({'cpu ms': 1000 * med(cpu[k]), 'speed-up (cpu-s)': med(cpu['fp32']) / med(cpu[k])})
             row.update(load=round(os.getloadavg()[0], 2), wall_s=[round(v, 4) for v in wall[k]], cpu_s=[round(v, 4) for v in cpu[k]])

@@ -12,7 +12,7 @@ step than the scripts', so it is timed, not compared; its `vs igdmfast` column i
 from __future__ import annotations
 import copy, json, os, sys
 import torch
-from _common import (base_parser, setup, describe, models, images, machine, interleaved, med, peak_memory, child_memory, table,
+from _common import (PAIRS, base_parser, setup, describe, models, images, machine, interleaved, med, peak_memory, child_memory, table,
                      dump, sync, _drop_json)
 import reference
 
@@ -94,13 +94,22 @@ def errors(a, b)->dict:
                 x_adv=int(((a['x_adv'].double() - b['x_adv'].double()).abs() > 1e-6).sum()))
 
 
-SIDES = {'igdmfast': {}, 'igdmfast fold_bn=False': dict(fold_bn=False), 'reference': None}
+SIDES = {'igdmfast': dict(channels_last=False, attack_dtype='fp32'), 'igdmfast fold_bn=False': dict(fold_bn=False, channels_last=False, attack_dtype='fp32'),
+         'reference': None}
+LAYOUTS = {'igdmfast NHWC': dict(channels_last=True, attack_dtype='fp32'),       # timed beside 'auto' (issue #28), not compared
+           'igdmfast NCHW bf16': dict(channels_last=False, attack_dtype='bf16'),  # (the bf16 sides only where bf16 is native)
+           'igdmfast NHWC bf16': dict(channels_last=True, attack_dtype='bf16'),
+           'igdmfast auto': dict(channels_last='auto', attack_dtype='auto')}
+EPOCH_STEPS = 391   # one CIFAR epoch at batch 128: the fit the 'auto' side's probe is amortised over in its 'incl. probe' row
 TEACHER_FREE = {'igdmfast inner=student_ce': dict(inner='student_ce')}   # timed with --teacher-free, not compared
 
 
 def side_opts(side):
     "The `distill_learner` options of a side (None: the reference)."
-    return TEACHER_FREE[side] if side in TEACHER_FREE else SIDES[side]
+    return TEACHER_FREE[side] if side in TEACHER_FREE else LAYOUTS[side] if side in LAYOUTS else SIDES[side]
+
+
+PROBES = {}   # method -> the 'auto' side's AutoSpeed record (its first fit, in the warm-up round, probes)
 
 
 def check_same(method, teacher, student, x, y, args, dev, seed=1234)->dict:
@@ -123,7 +132,13 @@ def run_side(side, method, teacher, student, x, y, args, dev):
     "A callable that runs `args.batches` training steps on `side` (set up once, outside the timing)."
     if side_opts(side) is not None:
         learn = learner(copy.deepcopy(teacher), copy.deepcopy(student), x, y, method, args, dev, **side_opts(side))
-        return lambda: fit(learn)
+        if hasattr(learn, 'auto_speed'): learn.auto_speed.min_steps, learn.auto_speed.cache = 0, False   # probe at the first fit (warm-up)
+        def run():
+            fit(learn)
+            if hasattr(learn, 'auto_speed'): PROBES.setdefault(method, learn.auto_speed.record)
+            # the bf16 soundness check runs at each fit's first batch: once per real fit, so here only in the warm-up round
+            learn.adv_examples.check_precision = False
+        return run
     s, t, opt = ref_setup(teacher, student, method, dev)
     batches = [(x[i:i+args.bs].to(dev), y[i:i+args.bs].to(dev)) for i in range(0, len(x), args.bs)]
     return lambda: ref_run(method, s, t, opt, batches, args)
@@ -136,11 +151,13 @@ def main(argv=None):
     p.add_argument('--tol', type=float, default=1e-5, help='relative tolerance of the float64 loss and gradient check')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
     p.add_argument('--teacher-free', action='store_true', help="also time igdmfast with inner='student_ce' (Table 6)")
+    p.add_argument('--pair', default='bench', help="the model pair of _common.PAIRS: bench, resnet18 or digits")
+    p.add_argument('--no-auto', action='store_true', help="leave out the layout/precision sides and 'auto' (issue #28)")
     p.add_argument('--mem-child', default=None, help=argparse_hidden())
     args = p.parse_args(argv)
     dev = setup(args)
-    teacher, student = models(args.classes, args.seed)
-    x, y = images(args.bs * args.batches, args.classes, args.seed)
+    teacher, student = models(args.classes, args.seed, args.pair)
+    x, y = images(args.bs * args.batches, args.classes, args.seed, args.pair)
     methods = args.methods.split(',')
 
     if args.mem_child:   # a fresh process: only one side, only its peak
@@ -149,7 +166,7 @@ def main(argv=None):
         return
 
     info = machine(dev)
-    print(f"bench_step: igdmfast distill_learner step vs the official scripts' step | batch {args.bs}, {args.classes} classes, "
+    print(f"bench_step: igdmfast distill_learner step vs the official scripts' step | pair {args.pair} {PAIRS[args.pair][:2]} | batch {args.bs}, {args.classes} classes, "
           f"PGD-10, {args.batches} steps per run, median of {args.repeats} interleaved runs after 1 warm-up\n  {describe(info)}")
     rows, checks = [], {}
     for m in methods:
@@ -160,7 +177,9 @@ def main(argv=None):
                   f"{e['x_adv']}" + (f" -> {'SAME' if ok else 'DIFFERENT'}" if dt == 'float64' else ''))
             if dt == 'float64' and not ok:
                 raise SystemExit(f"{m}: {side} and the reference disagree beyond {args.tol:g} in float64; not timing them.")
-    names = [*SIDES, *(TEACHER_FREE if args.teacher_free else ())]
+    from igdmfast.precision import native_bf16
+    layouts = [] if args.no_auto else [k for k in LAYOUTS if 'bf16' not in k or native_bf16(dev)]
+    names = [*SIDES, *(TEACHER_FREE if args.teacher_free else ()), *layouts]
     for m in methods:
         sides = {k: run_side(k, m, teacher, student, x, y, args, dev) for k in names}
         wall, cpu = interleaved(sides, args.repeats, dev)
@@ -175,9 +194,21 @@ def main(argv=None):
             if not args.no_memory: row['peak MiB'] = child_memory(__file__, base, k)
             row.update(load=round(os.getloadavg()[0], 2), wall_s=[round(v, 3) for v in wall[k]], cpu_s=[round(v, 3) for v in cpu[k]])
             rows.append(row)
+            if k == 'igdmfast auto':   # the probe paid once per fit: amortised over one CIFAR epoch of EPOCH_STEPS steps
+                rec = PROBES[m]
+                per = lambda t: t / args.batches + rec['probe_s'] / EPOCH_STEPS
+                inc = {'method': f"{m}+igdm", 'side': f"auto incl. probe /{EPOCH_STEPS}", 'img/s': args.bs / per(med(wall[k])),
+                       'speed-up': med(wall['reference']) / args.batches / per(med(wall[k])), 'load': row['load'],
+                       'choice': rec['choice'], 'probe_s': rec['probe_s'], 'step_s': rec.get('step_s')}
+                if dev.type == 'cpu': inc.update({'img/cpu-s': args.bs / per(med(cpu[k])), 'speed-up (cpu-s)': med(cpu['reference']) / args.batches / per(med(cpu[k]))})
+                rows.append(inc)
+                print(f"  {m}+igdm auto: {rec['choice']} (probe {rec['probe_s']:.2f} s; estimated steps {rec.get('step_s')})")
+    for r in rows:   # every side against igdmfast's fixed NCHW fp32 (today's default on the CPU)
+        r['vs NCHW fp32'] = r['img/s'] / next(q['img/s'] for q in rows if q['method'] == r['method'] and q['side'] == 'igdmfast')
+        if dev.type == 'cpu': r['vs NCHW fp32 (cpu-s)'] = r['img/cpu-s'] / next(q['img/cpu-s'] for q in rows if q['method'] == r['method'] and q['side'] == 'igdmfast')
     cols = ['method', 'side', 'img/s', 'speed-up'] + (['vs igdmfast'] if args.teacher_free else []) + \
            (['img/cpu-s', 'speed-up (cpu-s)'] + (['vs igdmfast (cpu-s)'] if args.teacher_free else []) if dev.type == 'cpu' else []) + \
-           ([] if args.no_memory else ['peak MiB']) + ['load']
+           ([] if args.no_memory else ['peak MiB']) + ['vs NCHW fp32'] + (['vs NCHW fp32 (cpu-s)'] if dev.type == 'cpu' else []) + ['load']
     print(table(rows, cols))
     info['loadavg_end'] = [round(v, 2) for v in os.getloadavg()]
     dump(args, dict(machine=info, args=vars(args), checks={m: {f"{k[0]} {k[1]}": v for k, v in c.items()} for m, c in checks.items()},

@@ -9,6 +9,7 @@ from .teachers import *
 from .sources import *
 from .data import *
 from .callback.adversarial import *
+from .callback.speed import *
 from .learner import *
 from .callback.checkpoint import *
 from .callback.averaging import *

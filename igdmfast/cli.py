@@ -14,7 +14,7 @@ from .options import (CLIError, aa_note, check_model_name, check_seed, cpu_threa
                               parse_keep, parse_precision, parse_seeds, parse_threat)
 from .runfolder import RunFolder, run_config, write_json
 from .runs import (check_models, check_training, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
-                           probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir)
+                           probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir, speed_notes, recorded_speed)
 from .report import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
 # %% auto #0
@@ -45,7 +45,8 @@ def _run_options(data:str='digits', # dataset name (digits, mnist, fashion_mnist
                  force:bool=False, # overwrite a folder that holds another run
                  device:str='auto', # cpu, cuda, cuda:N or auto
                  bf16:bool=False, # bfloat16 autocast for the outer forward and backward of each training step
-                 attack_dtype:str='auto', # the inner maximization's precision: auto (bf16 with --bf16 on a GPU, checked against fp32 at the first batch; fp32 on a CPU), fp32, bf16 or fp16
+                 attack_dtype:str='auto', # the inner maximization's precision: auto (measured at the first fit of 50+ batches: bf16 only where native, faster and checked against fp32), fp32, bf16 or fp16
+                 channels_last:str='auto', # student and teacher weights channels-last (NHWC): auto (measured with --attack-dtype; recorded in config.json, reused by --resume), on or off
                 ): "The options of every training command (`train`, `teacher`, `compare`)."
 
 @delegates(_run_options)
@@ -166,8 +167,9 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
                  plot_training_curves(out/'history.csv', out/'training_curves.png')]
         save_report(results, out, name='igdmfast train', alignment=aligned, plots=[p.name for p in plots],
                     notes=run_notes(o, dls, threat) + f" Teacher {teacher_s:.1f} s, student {student_s:.1f} s of training."
-                          + (_kept_note(learn.kept, held, o) if learn.kept else ''),
-                    extra=dict(seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)), config=dict(cfg, alpha_used=learn.alpha),
+                          + speed_notes(out) + (_kept_note(learn.kept, held, o) if learn.kept else ''),
+                    extra=dict(seconds=dict(teacher=round(teacher_s, 2), student=round(student_s, 2)),
+                               config=dict(run_config(out/'config.json') or cfg, alpha_used=learn.alpha),
                                **({'kept': dict(learn.kept, holdout=cfg['holdout'], every=keep_every)} if learn.kept else {})))
         metrics = json.loads((out/'metrics.json').read_text())
         _print_table(results, aligned)
@@ -205,8 +207,8 @@ def teacher(arch:str='small_cnn', # the teacher's architecture: any registered o
         if not is_main(): return {}   # rank 0 evaluates and writes the report
         results = _evaluated({f'teacher ({arch}, {method})': model}, dls, threat, o)
         plots = [plot_training_curves(out/'teacher_history.csv', out/'training_curves.png')]
-        save_report(results, out, name='igdmfast teacher', plots=[p.name for p in plots], notes=run_notes(o, dls, threat) + f" {secs:.1f} s of training.",
-                    extra=dict(seconds=dict(teacher=round(secs, 2)), config=cfg))
+        save_report(results, out, name='igdmfast teacher', plots=[p.name for p in plots], notes=run_notes(o, dls, threat) + f" {secs:.1f} s of training." + speed_notes(out),
+                    extra=dict(seconds=dict(teacher=round(secs, 2)), config=run_config(out/'config.json') or cfg))
         _print_table(results)
         print(f"Teacher: {out/'teacher.pt'}  (use it with: igdmfast train --teacher {out/'teacher.pt'})")
         return json.loads((out/'metrics.json').read_text())
@@ -392,6 +394,7 @@ def recalibrate(run:str, # a `train` run folder: its config.json and student.pt 
                             method=cfg['method'], inner=cfg.get('inner')))
         threat = parse_threat(cfg['eps'], cfg.get('step'), cfg['steps'])
         prec = dict(bf16=bool(cfg.get('bf16')), attack_dtype=cfg.get('attack_dtype', 'auto'))
+        prec.update({k: v for k, v in (recorded_speed(run, 'student') or {}).items() if k == 'attack_dtype' and str(prec[k]) == 'auto'})
         learn = (distill_learner(teacher, student, dls, method=cfg['method'], igdm=False, threat=threat, inner=cfg.get('inner'),
                                  check_teacher=False, **prec) if teacher is not None else
                  adv_learner(student, dls, method=cfg['method'], threat=threat, **prec))

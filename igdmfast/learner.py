@@ -27,6 +27,7 @@ from .attacks import pgd
 from .methods import get_method, table_alpha
 from .callback.adversarial import AdvExamples, AdvDistill, DistillStat, prepare_teacher
 from .precision import as_attack_dtype
+from .callback.speed import AutoSpeed
 from .distributed import DistribTrainer   # also patches fastai's `Learner.distrib_ctx`
 from fastai.torch_core import rank_distrib
 import igdmfast.models  # noqa: F401  (registers the CIFAR models with timm)
@@ -195,13 +196,19 @@ def _default_dls(dls):
     return dls
 
 def _channels_last(channels_last, dls, *models)->bool:
-    "Convert `models` to channels-last weights in place when asked ('auto': on CUDA, where convolutions run faster in NHWC)."
+    "Convert `models` to channels-last weights in place when asked ('auto': on CUDA until `AutoSpeed` measures the choice)."
     from igdmfast.precision import to_channels_last
     on = dls.device.type == 'cuda' if isinstance(channels_last, str) and channels_last == 'auto' else channels_last
     if not isinstance(on, bool): raise ValueError(f"channels_last must be 'auto', True or False, got {channels_last!r}.")
     for m in models:
         if on and m is not None: to_channels_last(m)
     return on
+
+def _auto_speed(channels_last, attack_dtype)->list:
+    "An `AutoSpeed` (the choice measured at the first long fit) when either setting is 'auto'; nothing when both are given."
+    is_auto = lambda v: isinstance(v, str) and v.lower() == 'auto'
+    if not (is_auto(channels_last) or is_auto(attack_dtype)): return []
+    return [AutoSpeed('auto' if is_auto(channels_last) else channels_last, as_attack_dtype(attack_dtype, keep_auto=True))]
 
 def _as_model(m, dls, who):
     "`m` as a network: a module as it is; a checkpoint file or a RobustBench name loaded (`load_teacher`); a timm name built."
@@ -245,8 +252,8 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     fold_bn:bool=True, # run eval-mode conv→BatchNorm pairs (attack, teacher) as one convolution
                     bf16:bool=False, # bfloat16 autocast for the student's outer forwards and backward (attack and teacher in fp32)
                     compile:bool=False, # `torch.compile` the student (in place) and the view the attack runs
-                    attack_dtype='auto', # the inner maximization's precision: 'auto' (`default_attack_dtype`: bf16 with `bf16=True` on a GPU), None/'fp32', 'bf16' or 'fp16'; checked against float32 at each fit's first batch
-                    channels_last='auto', # store student and teacher weights channels-last (NHWC): 'auto' on a GPU only; True/False (on the CPU it depends on the model: `bench/bench_precision.py`)
+                    attack_dtype='auto', # the inner maximization's precision: 'auto' (measured at the first long fit: `AutoSpeed`), None/'fp32', 'bf16' or 'fp16'; checked against float32 at each fit's first batch
+                    channels_last='auto', # store student and teacher weights channels-last (NHWC): 'auto' (measured at the first long fit: `AutoSpeed`), True or False
                     **learner_kwargs:Any, # anything else for fastai's `Learner` (cbs, path, lr, wd, opt_func, ...)
                    )->AdvLearner:
     "A fastai `Learner` that distills `teacher` into `student` with `method`, plus IGDM when `igdm`."
@@ -257,6 +264,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     if teacher is student: raise ValueError("The teacher and the student are the same module: pass two networks.")
     teacher = prepare_teacher(teacher, dls.device)
     student.to(dls.device)
+    auto = _auto_speed(channels_last, attack_dtype)   # before the fixed rule resolves 'auto' for fits that are not probed
     channels_last = _channels_last(channels_last, dls, student, teacher)
     check_compatible(student, teacher, dls)
     if igdm and alpha is None:
@@ -267,7 +275,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     if check_teacher: _warn_if_not_robust(teacher, dls, threat)
     dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn)
     attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
-    cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], student, bf16, compile)
+    cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], student, bf16, compile) + auto
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     learn = _learner(student, dls, cbs, metrics + [DistillStat(k) for k in dist.stat_names], protocol, epochs, learner_kwargs)
     # the learner's own settings; the callbacks' (threat, fold_bn, attack_dtype, igdm, alpha, igdm_bn) are `AdvLearner`'s properties
@@ -288,7 +296,7 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
                 bf16:bool=False, # bfloat16 autocast for the outer forward and backward (the attack in fp32)
                 compile:bool=False, # `torch.compile` the model (in place) and the view the attack runs
                 attack_dtype='auto', # the attack's precision (see `distill_learner`)
-                channels_last='auto', # store the weights channels-last (NHWC): 'auto' on a GPU only; True/False
+                channels_last='auto', # store the weights channels-last (NHWC): 'auto' (measured: `AutoSpeed`), True or False
                 **learner_kwargs:Any, # anything else for fastai's `Learner`
                )->AdvLearner:
     "A fastai `Learner` that trains `model` adversarially with a teacher-free method (PGD-AT or TRADES)."
@@ -300,12 +308,13 @@ def adv_learner(model:nn.Module|str, # the network to train robustly: a module o
                          "adv_learner takes 'pgd_at' or 'trades'.")
     model = _as_model(model, dls, 'model')
     model.to(dls.device)
+    auto = _auto_speed(channels_last, attack_dtype)
     channels_last = _channels_last(channels_last, dls, model)
     check_compatible(model, None, dls)
     dist = AdvDistill(m, None, igdm=False, loss_kwargs=loss_kwargs)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
-    cbs = _speed([AdvExamples(m, None, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], model, bf16, compile)
+    cbs = _speed([AdvExamples(m, None, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], model, bf16, compile) + auto
     learn = _learner(model, dls, cbs, metrics + [DistillStat('base_loss')], protocol, epochs, learner_kwargs)
     store_attr('method,protocol,bf16,compile', self=learn, method=m.name, protocol=protocol, bf16=bf16, compile=compile)
     learn.nhwc = channels_last   # not `channels_last`: fastai's load_learner reads that name as its own mixed-precision flag

@@ -94,15 +94,19 @@ def parse_schedule(protocol:str='fastai', # `--protocol`: a key of `learner.PROT
             raise CLIError(f"--milestones must lie between 0 and --epochs ({epochs}), got {milestones!r}.")
     return dict(protocol=protocol, milestones=ms, lr=PROTOCOLS[protocol]['lr'])
 
+_LAYOUTS = {'auto': 'auto', 'on': True, 'true': True, 'yes': True, 'off': False, 'false': False, 'no': False}
+
 def parse_precision(bf16:bool, # `--bf16`: bfloat16 autocast for the outer step
                     attack_dtype:str, # `--attack-dtype`: auto, fp32, bf16 or fp16 (the inner maximization)
+                    channels_last:str|bool='auto', # `--channels-last`: auto, on or off (student and teacher weights NHWC)
                    )->dict:
-    "The training precision options: `--bf16` (the outer step) and `--attack-dtype` (the inner maximization)."
+    "The training precision and layout options: `--bf16` (the outer step), `--attack-dtype` (the inner maximization), `--channels-last`."
     from igdmfast.precision import as_attack_dtype
-    if str(attack_dtype).lower() != 'auto':
-        try: as_attack_dtype(attack_dtype)
-        except (ValueError, TypeError): raise CLIError(f"--attack-dtype must be auto, fp32, bf16 or fp16, got {attack_dtype!r}.") from None
-    return dict(bf16=bf16, attack_dtype=attack_dtype)
+    try: as_attack_dtype(attack_dtype, keep_auto=True)   # the one normalisation; 'auto' is measured at the first fit
+    except (ValueError, TypeError): raise CLIError(f"--attack-dtype must be auto, fp32, bf16 or fp16, got {attack_dtype!r}.") from None
+    layout = channels_last if isinstance(channels_last, bool) else _LAYOUTS.get(str(channels_last).lower())
+    if layout is None: raise CLIError(f"--channels-last must be auto, on or off, got {channels_last!r}.")
+    return dict(bf16=bf16, attack_dtype=attack_dtype, channels_last=layout)
 
 MAX_SEED = 2**32 - 1   # NumPy's seeds end here; torch's at 2**64 - 1
 

@@ -25,10 +25,12 @@ _DTYPE_NAMES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torc
 def as_attack_dtype(dtype, # None, a torch dtype (float32, bfloat16, float16), a name: 'bf16', 'fp16', 'fp32', 'off', ..., or 'auto'
                     device=None, # for 'auto': where the attack runs ('cpu', 'cuda', a torch.device); 'auto' without it is an error
                     bf16:bool=False, # for 'auto': the learner's `bf16` (see `default_attack_dtype`)
-                   )->torch.dtype|None:
+                    keep_auto:bool=False, # return 'auto' as 'auto' (to be measured: `callback.speed.AutoSpeed`) instead of resolving it
+                   )->torch.dtype|str|None:
     "The attack's reduced precision as a torch dtype, or None for float32 (no autocast): the one place a precision is normalised."
     if dtype is None or dtype == torch.float32: return None
     if isinstance(dtype, str) and dtype.lower() == 'auto':
+        if keep_auto: return 'auto'
         if device is None: raise ValueError("attack_dtype='auto' depends on the device and `bf16`: pass device= (or a precision).")
         return default_attack_dtype(device, bf16)
     if dtype in (torch.bfloat16, torch.float16): return dtype

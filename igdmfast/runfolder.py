@@ -11,7 +11,8 @@ from .options import CLIError
 
 # %% auto #0
 __all__ = ['TEACHER_FILES', 'COMMAND_FILES', 'VARIANT_FILES', 'RUN_FILES', 'SAVED_WORK', 'LOCK_FILE', 'MANIFEST_FILE',
-           'SAME_ON_RESUME', 'CACHED_EVAL', 'write_json', 'run_config', 'run_files', 'lock_holder', 'RunFolder']
+           'SAME_ON_RESUME', 'RECORDED', 'CACHED_EVAL', 'write_json', 'run_config', 'run_files', 'lock_holder',
+           'RunFolder']
 
 # %% ../nbs/14b_runfolder.ipynb #a0c25993
 TEACHER_FILES = ('teacher_checkpoint.pt', 'teacher_history.csv', 'teacher.pt')
@@ -30,7 +31,9 @@ SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.p
 LOCK_FILE, MANIFEST_FILE = '.igdmfast.lock', '.igdmfast.files.json'
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_sha256', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
-                  'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n', 'keep', 'keep_every', 'holdout')
+                  'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n', 'keep', 'keep_every', 'holdout',
+                  'channels_last')
+RECORDED = ('speed',)   # what a run records in its config.json while it runs (`AutoSpeed`'s choice): a resume keeps it
 CACHED_EVAL = dict(compare=('n_aa', 'n_curve'))   # evaluation settings of the results a resumed command reuses (`result.json`)
 
 def write_json(path, # the file to write (its folder is created)
@@ -206,6 +209,7 @@ class RunFolder:
                   + (f": {', '.join(names)}." if names else "."))
         elif old is not None:   # resumed
             if diff := self._diff(old, cfg): self._resume_refused(diff, cfg)
+            cfg = {**cfg, **{k: old[k] for k in RECORDED if k in old}}
             self._check_subfolders(new)
             self._check_overwrite(new, set(self._earlier()))
             new = list(dict.fromkeys(self._earlier() + new))

@@ -14,9 +14,10 @@ from .runfolder import write_json
 
 # %% auto #0
 __all__ = ['robustbench_datasets', 'teacher_files', 'load_model_arg', 'load_teacher_arg', 'EpochLines', 'fit_epochs',
-           'keep_callbacks', 'load_kept', 'learner_kwargs', 'build_model', 'train_teacher', 'distill_student',
-           'check_training', 'check_models', 'probe_model', 'probe_models', 'file_sha256', 'run_dls', 'run_settings',
-           'run_notes', 'variant_dir', 'measured']
+           'keep_callbacks', 'load_kept', 'learner_kwargs', 'recorded_speed', 'speed_kwargs', 'record_speed',
+           'build_model', 'train_teacher', 'distill_student', 'check_training', 'check_models', 'probe_model',
+           'probe_models', 'file_sha256', 'run_dls', 'run_settings', 'run_notes', 'speed_notes', 'variant_dir',
+           'measured']
 
 # %% ../nbs/14_runs.ipynb #6d125c5e
 def robustbench_datasets(teacher:str, # a RobustBench name
@@ -185,8 +186,49 @@ def learner_kwargs(prec, # `parse_precision`'s result (anything else: the defaul
     if lr is not None: kw['lr'] = lr
     prec = prec if isinstance(prec, dict) else dict(bf16=False, attack_dtype='auto')
     if prec['bf16']: kw['bf16'] = True
-    kw['attack_dtype'] = prec['attack_dtype']
+    kw['attack_dtype'], kw['channels_last'] = prec['attack_dtype'], prec.get('channels_last', 'auto')
     return kw
+
+def recorded_speed(out, # the run folder
+                   who:str, # 'teacher' or 'student'
+                  )->dict|None:
+    "The layout and attack precision `AutoSpeed` chose for `who` in this run, as its `config.json` records them (None: none recorded)."
+    from igdmfast.runfolder import run_config
+    rec = ((run_config(Path(out)/'config.json') or {}).get('speed') or {}).get(who)
+    return rec.get('choice') if isinstance(rec, dict) else None
+
+def speed_kwargs(kw:dict, # `learner_kwargs`' result
+                 out, # the run folder
+                 who:str, # 'teacher' or 'student'
+                 resume:bool, # a resumed run: the recorded choice is given explicitly (no probe, the same numbers)
+                )->dict:
+    "`kw` with the recorded choice in place of each 'auto' on `resume` (a run from before `AutoSpeed`: the fixed rule it ran with); explicit options stay."
+    from igdmfast.runfolder import run_config
+    from igdmfast.callback.speed import fixed_speed
+    rec = recorded_speed(out, who) if resume else None
+    cfg = run_config(Path(out)/'config.json') if resume else None
+    if rec is None and cfg is not None and 'channels_last' not in cfg:   # its config.json predates --channels-last: no probe ran
+        rec = fixed_speed(cfg.get('device', 'cpu'), bf16=bool(kw.get('bf16')))
+    if rec is None: return kw
+    auto = lambda v: isinstance(v, str) and v.lower() == 'auto'
+    return {**kw, **{k: rec[k] for k in ('channels_last', 'attack_dtype') if auto(kw.get(k, 'auto'))}}
+
+def record_speed(learn, # a learner of `adv_learner` / `distill_learner`
+                 out, # the run folder, whose `config.json` gets the record under 'speed'
+                 who:str, # 'teacher' or 'student'
+                ):
+    "Write `AutoSpeed`'s choice and measured times into `out/config.json` (key 'speed') as soon as it is made (before any checkpoint)."
+    from igdmfast.runfolder import run_config
+    cb = getattr(learn, 'auto_speed', None)
+    if cb is None or not is_main(): return learn
+    def on_choice(rec):
+        f = Path(out)/'config.json'
+        cfg = run_config(f)
+        if cfg is None: return   # a folder without the command's config (a comparison's variant before it finishes)
+        cfg.setdefault('speed', {})[who] = rec
+        write_json(f, cfg)
+    cb.on_choice = on_choice
+    return learn
 
 def build_model(name:str, # a registered or timm model name
                 dls, # the data: its class and channel counts
@@ -225,7 +267,8 @@ def train_teacher(arch:str, # the teacher's model name
     seed_everything(seed)
     learn = adv_learner(build_model(arch, dls), dls, method=method, threat=threat, path=out,
                         cbs=_history_logger('teacher_history.csv') + [Checkpoint('teacher_checkpoint.pt'), StopOnNaN()],
-                        **learner_kwargs(prec, lr, sched))
+                        **speed_kwargs(learner_kwargs(prec, lr, sched), out, 'teacher', resume))
+    record_speed(learn, out, 'teacher')
     _plain_progress(learn)
     _, secs = fit_epochs(learn, epochs, out/'teacher_checkpoint.pt', resume, sched)
     model = learn.model.eval().requires_grad_(False)
@@ -253,7 +296,8 @@ def distill_student(t_model, # the teacher
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
     learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner, igdm_bn=igdm_bn,
                             cbs=_history_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()] + keep_callbacks(keep, holdout, seed),
-                            **learner_kwargs(prec, lr, sched))
+                            **speed_kwargs(learner_kwargs(prec, lr, sched), out, 'student', resume))
+    record_speed(learn, out, 'student')
     _plain_progress(learn)
     start, secs = fit_epochs(learn, epochs, Path(out)/'checkpoint.pt', resume, sched)
     k = (keep or {}).get('keep', 'last')
@@ -273,7 +317,7 @@ def check_training(o:dict # a training command's options
     "Check the numbers, schedule and precision of a training command before anything is loaded; (schedule, precision)."
     check_numbers(o['epochs'], o['bs'], o['steps'], o['lr'], o['n_aa'], o.get('alpha'))
     check_seed(o['seed'])
-    return parse_schedule(o['protocol'], o['milestones'], o['epochs']), parse_precision(o['bf16'], o['attack_dtype'])
+    return parse_schedule(o['protocol'], o['milestones'], o['epochs']), parse_precision(o['bf16'], o['attack_dtype'], o.get('channels_last', 'auto'))
 
 def check_models(o:dict # the options of `train` or `compare` (its 'teacher_arch' is resolved in place)
                 )->list:
@@ -344,6 +388,14 @@ def run_notes(o:dict, # the command's options: 'data', 'n_aa'
              )->str:
     "The report's line on the data, the threat model and the attacks."
     return f"{o['data']}: {len(dls.valid.dataset)} validation images, {threat!r}; {aa_note(o['n_aa'], dls)}; every attack in float32."
+
+def speed_notes(out # the run folder
+               )->str:
+    "The report's sentence on the layout and training-attack precision `AutoSpeed` chose (config.json's 'speed'); '' when none was measured."
+    from igdmfast.runfolder import run_config
+    from igdmfast.callback.speed import speed_note
+    recs = ((run_config(Path(out)/'config.json') or {}).get('speed') or {})
+    return ''.join(f" {who.capitalize()}: {speed_note(r)[len('AutoSpeed: '):]}" for who, r in recs.items() if isinstance(r, dict) and 'choice' in r)
 
 def variant_dir(method:str, # a key of `methods.METHODS`
                 igdm:bool, # the variant with IGDM

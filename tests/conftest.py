@@ -8,6 +8,11 @@ import torch
 os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
 torch.set_num_threads(1)
 
+# AutoSpeed's on-disk cache of measured layouts/precisions: a fresh folder per test session (and its subprocesses),
+# never the user's ~/.cache/igdmfast
+import tempfile
+os.environ['IGDMFAST_CACHE'] = tempfile.mkdtemp(prefix='igdmfast-cache-')
+
 
 # The longest files first, so that with `pytest -n 2 --dist loadfile` they start at once instead of ending alone.
 SLOW_FIRST = ('test_main_job.py', 'test_cli.py', 'test_evaluate_protocol.py', 'test_docs.py', 'test_paper_protocol.py',

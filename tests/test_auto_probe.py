@@ -1,0 +1,142 @@
+"""AutoSpeed: the measured layout and attack precision recorded and reused on resume (bit for bit), explicit values that skip
+the probe, an unsound reduced precision never chosen, and the cache keyed by the models and torch's version."""
+import json
+import pytest
+import torch
+import timm
+import igdmfast.models  # noqa: F401
+from fastai.callback.core import Callback, CancelFitException
+from igdmfast.core import ThreatModel, seed_everything
+from igdmfast.data import get_dls
+from igdmfast.learner import distill_learner
+from igdmfast.callback.checkpoint import Checkpoint
+from igdmfast.callback import speed
+from igdmfast.precision import PrecisionCheck
+from igdmfast.runs import learner_kwargs, speed_kwargs, record_speed, recorded_speed
+
+THREAT = ThreatModel(eps=0.1, step_size=0.025, n_steps=3)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv('IGDMFAST_CACHE', str(tmp_path/'cache'))
+    return tmp_path/'cache'
+
+
+class StopAfter(Callback):
+    "Stop the fit after epoch `n` was checkpointed (a run killed between epochs)."
+    order = Checkpoint.order + 1
+    def __init__(self, n): self.n = n
+    def after_epoch(self):
+        if self.epoch == self.n: raise CancelFitException()
+
+
+def build(out=None, student='tiny_mobilenet_cifar', cbs=(), bs=16, n_train=400, **kw):
+    "A seeded RSLAD+IGDM learner on 400 digits, batch 16: 25 batches an epoch, so a 2-epoch fit (50) is probed."
+    seed_everything(0)
+    dls = get_dls('digits', bs=bs, n_train=n_train, n_valid=32, seed=0)
+    t = timm.create_model('small_cnn', num_classes=10, in_chans=1)
+    s = timm.create_model(student, num_classes=10, in_chans=1)
+    return distill_learner(t, s, dls, method='rslad', threat=THREAT, check_teacher=False, path=out or '.', cbs=list(cbs), **kw)
+
+
+def fit(learn, epochs=2, start=0):
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, start_epoch=start)
+    return {k: v.clone() for k, v in learn.model.state_dict().items()}
+
+
+def same(a, b): return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_folder(tmp_path, name):
+    out = tmp_path/name
+    out.mkdir()
+    (out/'config.json').write_text(json.dumps(dict(command='train')))
+    return out
+
+
+def test_choice_recorded_and_reused_on_resume_bit_for_bit(tmp_path, monkeypatch):
+    a = run_folder(tmp_path, 'a')
+    learn = record_speed(build(a, cbs=[Checkpoint()], **speed_kwargs(learner_kwargs(None), a, 'student', False)), a, 'student')
+    full = fit(learn)
+    rec = learn.auto_speed.record
+    assert rec['source'] == 'probe' and set(rec['step_s']) >= {'NCHW fp32', 'NHWC fp32'} and rec['probe_s'] > 0
+    assert recorded_speed(a, 'student') == rec['choice'] and learn.nhwc == rec['choice']['channels_last']
+    # the same run killed after its first epoch: its choice (from the cache now) is recorded before any checkpoint
+    b = run_folder(tmp_path, 'b')
+    learn = record_speed(build(b, cbs=[Checkpoint(), StopAfter(0)], **speed_kwargs(learner_kwargs(None), b, 'student', False)), b, 'student')
+    fit(learn)
+    assert learn.auto_speed.record['source'] == 'cache' and recorded_speed(b, 'student') == rec['choice']
+    # the resume: no cache, and a probe would fail; the recorded choice is given explicitly
+    speed.speed_cache_file().unlink()
+    monkeypatch.setattr(speed.AutoSpeed, 'probe', lambda *a, **k: pytest.fail('a resumed run must not probe'))
+    kw = speed_kwargs(learner_kwargs(None), b, 'student', True)
+    assert {k: kw[k] for k in ('channels_last', 'attack_dtype')} == rec['choice']
+    learn = build(b, cbs=[Checkpoint()], **kw)
+    assert not hasattr(learn, 'auto_speed')
+    assert same(fit(learn, start=learn.resume_from('checkpoint.pt')), full)
+
+
+def test_probed_fit_equals_the_fit_pinned_to_its_choice():
+    learn = build()
+    probed = fit(learn)
+    choice = learn.auto_speed.record['choice']
+    assert same(probed, fit(build(**choice)))
+
+
+def test_explicit_values_skip_the_probe(monkeypatch):
+    assert not hasattr(build(channels_last=False, attack_dtype='fp32'), 'auto_speed')
+    timed = []
+    real = speed._probe_step
+    monkeypatch.setattr(speed, '_probe_step', lambda learn, adv, *a: timed.append((next(p for p in learn.model.parameters() if p.ndim == 4).is_contiguous(), adv.dtype)) or real(learn, adv, *a))
+    learn = build(channels_last=False)   # the layout given: only the precision is measured
+    fit(learn)
+    assert learn.auto_speed.record['choice']['channels_last'] is False and learn.nhwc is False
+    assert timed and all(c for c, _ in timed)   # every probe step ran NCHW
+
+
+def test_short_fits_keep_the_fixed_rule(monkeypatch):
+    monkeypatch.setattr(speed.AutoSpeed, 'probe', lambda *a, **k: pytest.fail('a fit of fewer than min_steps batches must not probe'))
+    learn = build()
+    fit(learn, epochs=1)   # 25 batches < 50
+    assert learn.auto_speed.record is None and learn.nhwc is False and learn.attack_dtype is None
+
+
+@pytest.mark.parametrize('sound', [False, True])
+def test_an_unsound_reduced_precision_is_never_chosen(monkeypatch, sound):
+    "bf16 made the fastest candidate; the soundness check forced to fail: float32 is chosen (and bf16 when it passes)."
+    calls = []
+    def check(*a, **k):
+        calls.append(a[-1])
+        return PrecisionCheck(torch.bfloat16, 1.0, 1.0 if sound else 0.5, None, None, 0.05, 3.0, 0.5, 16)
+    monkeypatch.setattr(speed, 'native_bf16', lambda *a, **k: True)
+    monkeypatch.setattr(speed, 'check_method_precision', check)
+    monkeypatch.setattr(speed, '_probe_step', lambda learn, adv, *a: (0., 0.01 if adv.dtype is not None else 1., 0.1))
+    learn = build(channels_last=False)
+    learn.auto_speed.cache = False
+    monkeypatch.setattr(learn.adv_examples, '_check_precision', lambda *a: None)   # the batch's own check is not under test here
+    fit(learn)
+    rec = learn.auto_speed.record
+    assert calls == [torch.bfloat16] and 'NCHW bf16' in rec['step_s']
+    assert rec['choice']['attack_dtype'] == ('bf16' if sound else 'fp32')
+
+
+def test_the_cache_is_reused_and_invalidated_by_another_model_or_torch(monkeypatch):
+    learn = build(); fit(learn)
+    assert learn.auto_speed.record['source'] == 'probe'
+    learn = build(); fit(learn)
+    assert learn.auto_speed.record['source'] == 'cache'
+    learn = build(student='tiny_resnet_cifar'); fit(learn)   # another student: another key
+    assert learn.auto_speed.record['source'] == 'probe'
+    monkeypatch.setattr(torch, '__version__', '0.0.0-other')
+    learn = build(); fit(learn)                                # another torch: another key
+    assert learn.auto_speed.record['source'] == 'probe'
+
+
+def test_a_run_from_before_autospeed_resumes_with_the_fixed_rule(tmp_path):
+    "A config.json without 'channels_last' (written before this option existed): its resume keeps the fixed rule it ran with, no probe."
+    old = tmp_path/'old'; old.mkdir()
+    (old/'config.json').write_text(json.dumps(dict(command='train', device='cpu', attack_dtype='auto')))
+    kw = speed_kwargs(learner_kwargs(None), old, 'student', True)
+    assert kw['channels_last'] is False and kw['attack_dtype'] == 'fp32'
+    assert speed_kwargs(learner_kwargs(None), old, 'student', False)['channels_last'] == 'auto'   # a new run measures
