@@ -225,19 +225,7 @@ def check_attack_precision(model:nn.Module|Sequence[nn.Module], # the attacked m
                           )->PrecisionCheck:
     """Run the attack in `dtype` and in float32 from the same random start and compare, in float32, the mean objective
     at both x′ and (for 'ce'/'cw' on one model with labels) the misclassification rate.
-
-    Why the default tolerance (mean objective at most 5% below fp32's, success rate at most 3 points below): measured on
-    trained digits and CIFAR-10-subset CNNs, batches of 64, PGD-10 (`tests/test_precision.py`, `bench/README.md`),
-    bfloat16 attacks land within ±1.8% of the fp32 objective for CE, RSLAD's and AdaAD's KL and flip at most one sample
-    of 64 (1.6 points), while two fp32 attacks that differ only in their random start already differ by up to 2.3% in
-    objective and 6 points in success rate: the sign step turns any change of rounding into a different trajectory, so
-    reduced precision acts like another start, not like a weaker attack. 5% of the objective sits above that spread
-    and far below what a broken attack loses (an attack without gradients stays at its start: 30–100% short). 3 points
-    (one sample in 64, three in 128) is tighter than the start-to-start spread on purpose: a needless fallback costs
-    speed, a missed weak attack costs robustness.
-    TRADES's objective KL(S(x) ‖ S(x′)) starts at ~0 from x + 0.001·N(0,I) and varies by up to 33% between fp32 starts;
-    its bfloat16 attack moved by −36% to +11%, so the check often sends TRADES back to fp32, erring on the safe side.
-    The shortfall is one-sided: a reduced-precision attack that is *stronger* than fp32's passes."""
+    The default tolerances are argued in the notebook, below."""
     models = tuple(model) if isinstance(model, (tuple, list)) else (model,)
     lowp = _checked_dtype(dtype, x)
     obj = as_objective(objective)
