@@ -228,6 +228,12 @@ def _nat_teacher(m, nat_teacher, student, dls):
     if nt is student: raise ValueError("The natural teacher and the student are the same module: pass two networks.")
     return prepare_teacher(nt, dls.device)
 
+def _recipe_cbs(m, learner_kwargs)->list:
+    "The callbacks of `m`'s recipe (SAAD's SWA), unless the learner's own `cbs` already average weights (`--keep swa`)."
+    if m.callbacks is None: return []
+    from igdmfast.callback.averaging import WeightAveraging
+    return [] if any(isinstance(cb, WeightAveraging) for cb in L(learner_kwargs.get('cbs'))) else m.callbacks()
+
 def _learner(model, dls, cbs, metrics, protocol, epochs, learner_kwargs):
     if protocol not in PROTOCOLS: raise ValueError(f"Unknown protocol {protocol!r}: use one of {list(PROTOCOLS)}.")
     p = dict(PROTOCOLS[protocol])
@@ -274,7 +280,10 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     channels_last = _channels_last(channels_last, dls, student, teacher, nat)
     check_compatible(student, teacher, dls)
     if nat is not None: check_compatible(student, nat, dls, who='natural teacher')
-    if igdm and alpha is None:
+    if igdm and alpha is None and m.igdm_builtin:   # SAAD: its own IGDM term, its code's α
+        alpha = m.defaults['igdm_alpha']
+        print(f"IGDM alpha = {alpha:g}: method {m.name!r}'s own IGDM term, its code's default.")
+    elif igdm and alpha is None:
         alpha, key, exact = table_alpha(m.name, getattr(dls, 'name', None), _arch(student))
         if alpha is None: raise ValueError(f"The paper's table has no IGDM alpha for method {m.name!r}: pass alpha=.")
         print(f"IGDM alpha = {alpha:g}, from the paper's table for {'/'.join(key)}"
@@ -283,7 +292,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn, nat_teacher=nat)
     attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
     cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist]
-                 + ([MethodState(dist.state)] if dist.state is not None else []), student, bf16, compile)
+                 + ([MethodState(dist.state)] if dist.state is not None else []) + _recipe_cbs(m, learner_kwargs), student, bf16, compile)
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     learn = _learner(student, dls, cbs, metrics + [DistillStat(k) for k in dist.stat_names], protocol, epochs, learner_kwargs)
     # the learner's own settings; the callbacks' (threat, fold_bn, attack_dtype, igdm, alpha, igdm_bn) are `AdvLearner`'s properties

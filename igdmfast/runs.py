@@ -384,7 +384,7 @@ def check_nat_teacher(o:dict, # the options of `train` or `compare`: 'nat_teache
     if nt is not None and not Path(nt).is_file(): raise CLIError(f"--nat-teacher {nt}: no such file (give the checkpoint of a natural teacher).")
     if igdm and o.get('alpha') is None:
         for m in methods:
-            if table_alpha(m)[0] is None:
+            if table_alpha(m)[0] is None and not get_method(m).igdm_builtin:   # SAAD's own term has its code's α
                 raise CLIError(f"IGDM with --method {m}: the paper's table has no alpha for {m}; pass --alpha A, or --no-igdm"
                                + (" (compare trains every method with IGDM too)." if 'methods' in o else "."))
     return [Path(nt)] if nt is not None else []

@@ -275,3 +275,14 @@ def test_mtard_bad_inputs(tmp_path, teacher_pt, nat_teachers, cmd, args, message
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert 'Traceback' not in r.stderr and message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / 'x').exists()
+
+
+def test_saad_train(tmp_path, teacher_pt):
+    "`igdmfast train --method saad`: its own IGDM term (α 1 by default, no additive column) and its SWA into student.pt."
+    out = tmp_path / 'saad'
+    r = run('train', *FAST, '--epochs', '2', '--method', 'saad', '--teacher', str(teacher_pt), '--out', str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = (out / 'history.csv').read_text().splitlines()[0].split(',')
+    assert 'base_loss' in head and 'igdm_loss' not in head, head
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['extra']['config']['alpha_used'] == 1.0 and m['extra']['config']['method'] == 'saad'

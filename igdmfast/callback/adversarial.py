@@ -263,6 +263,14 @@ class AdvDistill(Callback):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0 or alpha != alpha:
             raise ValueError(f"IGDM's alpha must be a non-negative number, got {alpha!r}.")
         self.alpha = float(alpha)
+        if self.method.igdm_builtin:   # SAAD: the loss holds its own IGDM term, switched by `igdm` and weighed by `alpha`
+            if 'igdm_alpha' in (loss_kwargs or {}):
+                raise ValueError(f"Method {self.method.name!r} weighs its own IGDM term with alpha=: pass alpha= (igdm=False: "
+                                 "no IGDM term), not loss_kwargs igdm_alpha.")
+            if igdm_bn != 'update':
+                raise ValueError(f"Method {self.method.name!r} runs its own forward at x − δ as its code does: igdm_bn must be 'update'.")
+            self.kw['igdm_alpha'] = self.alpha if igdm else 0.
+        self._add_igdm = igdm and not self.method.igdm_builtin   # the learner's additive IGDM term
         if teacher is None and (igdm or self.method.uses_teacher):
             raise ValueError(f"{'IGDM' if igdm else 'Method ' + repr(self.method.name)} needs a teacher: pass `teacher=`.")
         if self.method.nat_teacher and nat_teacher is None:
@@ -318,10 +326,10 @@ class AdvDistill(Callback):
         st.needs = self.method.needs(self.kw, self.epoch)
         want = []
         if 't_nat' in st.needs and st.t_nat is None: want.append(('t_nat', st.x))
-        if 't_adv' in st.needs or self.igdm: want.append(('t_adv', st.x_adv))
-        if self.igdm:
+        if 't_adv' in st.needs or self._add_igdm: want.append(('t_adv', st.x_adv))
+        if self._add_igdm or 't_minus' in st.needs or 's_minus' in st.needs:
             st.x_minus = st.x - (st.x_adv - st.x)   # x − δ with δ = x′ − x (the official code's rounding), not clamped to [0,1]
-            want.append(('t_minus', st.x_minus))
+            if self._add_igdm or 't_minus' in st.needs: want.append(('t_minus', st.x_minus))
         if want:
             with torch.no_grad(): outs = self._teacher(st)(torch.cat([v for _, v in want])).split([len(v) for _, v in want])
             for (k, _), o in zip(want, outs): setattr(st, k, o)
@@ -333,27 +341,28 @@ class AdvDistill(Callback):
         "Stages 3 to 5: the student's outputs (S(x′) is `pred`), the method's outer loss, plus the weighted IGDM term."
         if not self.training: return self.old_lf(pred, *yb)
         st = self.adv.step
+        s_m = self.model(st.x_minus) if 's_minus' in st.needs else None   # 3. a loss's own S(x−δ) (SAAD), before S(x) as its script
         s_nat = self.model(st.x) if 's_nat' in st.needs else None                        # 3. S(x), S(x−δ): train mode
         s_plus = s_minus = None
-        if self.igdm and self.igdm_bn == 'eval':   # S(x+δ), S(x−δ) with the running statistics: one batched call
+        if self._add_igdm and self.igdm_bn == 'eval':   # S(x+δ), S(x−δ) with the running statistics: one batched call
             with bn_eval(self.model): s_plus, s_minus = self.model(torch.cat([st.x_adv, st.x_minus])).split(len(st.x))
-        elif self.igdm:
+        elif self._add_igdm:
             s_plus = pred                                                                  # S(x+δ) = S(x′): fastai's forward
             with keep_bn_stats(self.model) if self.igdm_bn == 'keep' else nullcontext(): s_minus = self.model(st.x_minus)
         b = DistillBatch(s_adv=pred, y=yb[0], epoch=self.epoch, s_nat=s_nat, t_nat=st.t_nat, t_adv=st.t_adv, nt_nat=st.nt_nat,
-                         n_epoch=self.n_epoch, state=self.state)
+                         n_epoch=self.n_epoch, state=self.state, s_minus=s_m, t_minus=st.t_minus)
         base = self.method.outer(b, **self.kw)                                            # 4. the outer loss
         self._log('base_loss', base)
         if self.state is not None:
             for k, v in self.state.stats().items(): self._log(k, v)
-        if not self.igdm: return base
+        if not self._add_igdm: return base
         term, w = igdm_loss(s_plus, s_minus, st.t_adv, st.t_minus), igdm_weight(self.alpha, self.epoch, self.n_epoch)   # 5. IGDM
         self._log('igdm_loss', term); self._log('igdm_weight', w)
         return base + w * term
 
     def after_fit(self):
         "With `igdm_bn='recalibrate'`: the student's running statistics recomputed on the method's x′ (one pass, seeded)."
-        if self.igdm and self.igdm_bn == 'recalibrate': recalibrate_bn(self.learn, on='adv')
+        if self._add_igdm and self.igdm_bn == 'recalibrate': recalibrate_bn(self.learn, on='adv')
 
     def _log(self, key, v):
         "Accumulate a training-epoch sum without a host sync."
@@ -370,7 +379,7 @@ class AdvDistill(Callback):
     @property
     def stat_names(self):
         "The names of the logged components."
-        return ['base_loss'] + list(getattr(self.state, 'stat_names', ())) + (['igdm_loss', 'igdm_weight'] if self.igdm else [])
+        return ['base_loss'] + list(getattr(self.state, 'stat_names', ())) + (['igdm_loss', 'igdm_weight'] if self._add_igdm else [])
 
 RECALIBRATE_ON = ('clean', 'adv')   # the inputs `recalibrate_bn` can recompute the running statistics on
 
