@@ -382,6 +382,9 @@ def check_nat_teacher(o:dict, # the options of `train` or `compare`: 'nat_teache
     if nt is not None and not two:
         raise CLIError(f"--nat-teacher is the second teacher of mtard; --method {','.join(methods)} has one teacher: leave --nat-teacher out.")
     if nt is not None and not Path(nt).is_file(): raise CLIError(f"--nat-teacher {nt}: no such file (give the checkpoint of a natural teacher).")
+    for m in methods:
+        if get_method(m).igdm_builtin and o.get('igdm_bn', 'update') != 'update':
+            raise CLIError(f"--method {m} runs its own forward at x − δ as its code does: leave out --igdm-bn (it must be 'update').")
     if igdm and o.get('alpha') is None:
         for m in methods:
             if table_alpha(m)[0] is None and not get_method(m).igdm_builtin:   # SAAD's own term has its code's α

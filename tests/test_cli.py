@@ -268,6 +268,7 @@ def test_mtard_train_and_recalibrate(tmp_path, teacher_pt, nat_teachers):
     ('compare', ('--methods', 'ard,mtard', '--nat-teacher', '{nat}'), 'no alpha for mtard'),
     ('train', ('--method', 'mtard', '--no-igdm', '--nat-teacher', '{nat5}', '--teacher', '{teacher}'),
      'natural teacher (small_cnn) outputs 5 classes but the student'),
+    ('train', ('--method', 'saad', '--igdm-bn', 'keep'), "leave out --igdm-bn (it must be 'update')"),
 ])
 def test_mtard_bad_inputs(tmp_path, teacher_pt, nat_teachers, cmd, args, message):
     fill = dict(nat=str(nat_teachers[0]), nat5=str(nat_teachers[1]), teacher=str(teacher_pt))
