@@ -647,6 +647,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'igdmfast.methods.Method.with_inner': ('methods.html#method.with_inner', 'igdmfast/methods.py'),
                                   'igdmfast.methods._adaad_objective': ('methods.html#_adaad_objective', 'igdmfast/methods.py'),
                                   'igdmfast.methods._dataset_family': ('methods.html#_dataset_family', 'igdmfast/methods.py'),
+                                  'igdmfast.methods._global_mean': ('methods.html#_global_mean', 'igdmfast/methods.py'),
                                   'igdmfast.methods._inner': ('methods.html#_inner', 'igdmfast/methods.py'),
                                   'igdmfast.methods._no_needs': ('methods.html#_no_needs', 'igdmfast/methods.py'),
                                   'igdmfast.methods._row': ('methods.html#_row', 'igdmfast/methods.py'),

@@ -204,6 +204,14 @@ def check_inner(inner:str|None, # None or 'method' (the method's own inner maxim
 # %% ../nbs/05_methods.ipynb #de271a82
 MTARD_DEFAULTS = dict(scale=None, weight_lr=0.025, bert=1.0, weight_milestones=(215/300, 260/300, 285/300), weight_gamma=0.1)
 
+def _global_mean(*vals:Tensor)->tuple:
+    "Each 0-d tensor averaged over the processes of a distributed run (equal shards: the global batch's mean); as it is in one process."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return vals
+    t = torch.stack(vals)
+    dist.all_reduce(t)
+    return tuple(t / dist.get_world_size())
+
 @dataclass
 class MTARDWeights:
     "MTARD's adaptive teacher weights: w_nat (w_adv = 1 − w_nat) and the two terms of the first step, updated every training step."
@@ -213,7 +221,7 @@ class MTARDWeights:
 
     def update(self, l_adv:Tensor, l_nat:Tensor, lr:float, bert:float=1.0)->Tensor:
         "Record the first step's terms, then move w_nat with this step's terms (`mtard_nat_weight`); returns the new w_nat."
-        l_adv, l_nat = l_adv.detach().double(), l_nat.detach().double()   # the official `.item()`s, without a host sync
+        l_adv, l_nat = _global_mean(l_adv.detach().double(), l_nat.detach().double())   # the official `.item()`s, without a host sync
         if self.init_adv is None: self.init_adv, self.init_nat = l_adv, l_nat
         dev = l_adv.device
         w = torch.as_tensor(self.nat_weight, dtype=torch.float64, device=dev)
