@@ -13,7 +13,7 @@ from .core import seed_everything
 from .options import (CLIError, aa_note, check_model_name, check_seed, cpu_threads, is_main, n_processes, parse_device,
                               parse_keep, parse_precision, parse_seeds, parse_threat)
 from .runfolder import RunFolder, run_config, write_json
-from .runs import (check_models, check_training, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
+from .runs import (check_models, check_nat_teacher, check_training, load_nat_teacher_arg, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
                            probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir, speed_notes, recorded_speed)
 from .report import PAPER_COLUMNS, curve_radii, paper_eval, markdown_table, compare_table, save_compare
 
@@ -53,6 +53,7 @@ def _run_options(data:str='digits', # dataset name (digits, mnist, fashion_mnist
 def _distill_options(teacher:str='auto', # a teacher checkpoint, a RobustBench name (e.g. Wang2023Better_WRN-28-10 with --data cifar100), or 'auto' to train a robust one with PGD-AT first
                      teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
                      teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default $IGDMFAST_TEACHERS, else models/)
+                     nat_teacher:str|None=None, # MTARD's natural (clean-trained) teacher: a checkpoint file with its architecture (required by --method mtard, refused by the others)
                      inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone, Table 6's teacher-free recipe)
                      igdm_bn:str='update', # BatchNorm in IGDM's forwards: 'update' (official), 'keep' (better at large eps: tutorial 07), 'eval', 'recalibrate'
                      student:str='tiny_mobilenet_cifar', # any registered or timm model name
@@ -141,19 +142,21 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
     sched, prec = check_training(o)
     kept = parse_keep(keep, keep_every, holdout)
     get_method(method)   # fail fast, before any training
-    t_file = check_models(o)
+    t_file, nt_file = check_models(o), check_nat_teacher(o, [method], igdm)
     threat, dev = parse_threat(o.eps, o.step, o.steps), parse_device(o.device)
-    with RunFolder(out, o.resume, o.force, inputs=t_file, active=is_main()) as rf:
+    with RunFolder(out, o.resume, o.force, inputs=t_file + nt_file, active=is_main()) as rf:
         seed_everything(o.seed)
         dls, held = _holdout(run_dls(o, dev), kept, o.seed)
         t_model = load_teacher_arg(o.teacher, dev, o.teacher_arch, o.data, o.teacher_dir, dls.c) if o.teacher != 'auto' else None
         probe_models(o, dls)   # a student that cannot take these images is refused before the teacher trains
-        cfg = run_settings(o, 'train', dev, sched, **file_sha256(t_file), holdout=len(held.dataset) if held is not None else None)
+        nat = load_nat_teacher_arg(o.nat_teacher, o.student, dls)   # MTARD's second teacher, its classes checked
+        cfg = run_settings(o, 'train', dev, sched, **file_sha256(t_file), holdout=len(held.dataset) if held is not None else None,
+                           **{f'nat_{k}': v for k, v in file_sha256(nt_file).items()})
         out = rf.claim(cfg)
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, o.resume, o.seed, prec, sched)
         learn, student_s = distill_student(t_model, o.student, dls, method, igdm, alpha, threat, o.epochs, o.lr, out, o.resume, o.seed,
-                                           prec, sched, o.inner, o.igdm_bn, kept, held)
+                                           prec, sched, o.inner, o.igdm_bn, kept, held, nat_teacher=nat)
         if not is_main(): return {}   # rank 0 evaluates and writes the report
         t_name = f'teacher ({o.teacher_arch if o.teacher == "auto" else Path(o.teacher).name})'
         s_name = f"student ({o.student}, {method}{'+IGDM' if igdm else ''})"
@@ -300,17 +303,19 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
     if n_processes() > 1:
         raise CLIError("igdmfast compare runs in one process (it evaluates each variant between trainings): launch "
                        "`igdmfast train` with --igdm and --no-igdm on several processes instead, or compare on one GPU.")
-    t_file = check_models(o)
+    t_file, nt_file = check_models(o), check_nat_teacher(o, names)
     threat, dev, seed_list = parse_threat(o.eps, o.step, o.steps), parse_device(o.device), parse_seeds(seeds, seed)
     multi = len(seed_list) > 1
     subdirs = [f'seed{s}' for s in seed_list] if multi else [variant_dir(m, ig) for m in names for ig in (False, True)]
-    with RunFolder(out, resume, o.force, inputs=t_file, subdirs=subdirs) as rf:
+    with RunFolder(out, resume, o.force, inputs=t_file + nt_file, subdirs=subdirs) as rf:
         # one data subset, teacher and evaluation for every variant; each seed fixes a student's initial weights and data order
         seed_everything(seed)
         dls = run_dls(o, dev)
         t_model = load_teacher_arg(o.teacher, dev, o.teacher_arch, o.data, o.teacher_dir, dls.c) if o.teacher != 'auto' else None
         probe_models(o, dls)   # a student that cannot take these images is refused before the teacher trains
-        cfg = run_settings(o, 'compare', dev, sched, methods=names, seeds=seed_list, **file_sha256(t_file))
+        nat = load_nat_teacher_arg(o.nat_teacher, o.student, dls)   # MTARD's second teacher, its classes checked
+        cfg = run_settings(o, 'compare', dev, sched, methods=names, seeds=seed_list, **file_sha256(t_file),
+                           **{f'nat_{k}': v for k, v in file_sha256(nt_file).items()})
         out = rf.claim(cfg)
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, resume, seed, prec, sched)
@@ -324,7 +329,8 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
                 print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
                 r = json.loads((run_dir/'result.json').read_text())
             else:
-                learn, _ = distill_student(t_model, o.student, run_dls(o, dev), m, ig, alpha, threat, o.epochs, o.lr, run_dir, resume, s, prec, sched, o.inner, o.igdm_bn)
+                learn, _ = distill_student(t_model, o.student, run_dls(o, dev), m, ig, alpha, threat, o.epochs, o.lr, run_dir, resume, s, prec, sched, o.inner, o.igdm_bn,
+                                            nat_teacher=nat if get_method(m).nat_teacher else None)
                 spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else (run_config(run_dir/'config.json') or {}).get('seconds_per_epoch')
                 write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, seed=s, alpha_used=learn.alpha, seconds_per_epoch=spe))
                 print(f"Evaluating {m}{' + IGDM' if ig else ''}{f' (seed {s})' if multi else ''}...")
@@ -373,6 +379,7 @@ def recalibrate(run:str, # a `train` run folder: its config.json and student.pt 
     "Recompute a trained student's BatchNorm running statistics (its weights unchanged) on the method's x′ or on clean images."
     from igdmfast.callback.adversarial import recalibrate_bn, RECALIBRATE_ON
     from igdmfast.learner import distill_learner, adv_learner
+    from igdmfast.methods import get_method
     from igdmfast.weights import read_checkpoint, save_weights
     if out is None: raise CLIError("igdmfast recalibrate-bn needs --out DIR: a new folder for the recalibrated student.")
     if on not in RECALIBRATE_ON: raise CLIError(f"--on must be one of {', '.join(RECALIBRATE_ON)}, got {on!r}.")
@@ -390,13 +397,14 @@ def recalibrate(run:str, # a `train` run folder: its config.json and student.pt 
         student = load_model_arg(run/'student.pt', None, '--arch').to(dev)
         teacher = (load_model_arg(teacher_file, None, '--teacher-arch') if teacher_file else
                 load_teacher_arg(cfg['teacher'], dev, cfg.get('teacher_arch'), cfg['data'], cfg.get('teacher_dir'), dls.c))
+        nat = load_nat_teacher_arg(cfg.get('nat_teacher'), cfg['student'], dls) if get_method(cfg['method']).nat_teacher else None
         out = rf.claim(dict(run_settings(dict(run=str(run), on=on, seed=seed, device=device), 'recalibrate-bn', dev),
                             method=cfg['method'], inner=cfg.get('inner')))
         threat = parse_threat(cfg['eps'], cfg.get('step'), cfg['steps'])
         prec = dict(bf16=bool(cfg.get('bf16')), attack_dtype=cfg.get('attack_dtype', 'auto'))
         prec.update({k: v for k, v in (recorded_speed(run, 'student') or {}).items() if k == 'attack_dtype' and str(prec[k]) == 'auto'})
         learn = (distill_learner(teacher, student, dls, method=cfg['method'], igdm=False, threat=threat, inner=cfg.get('inner'),
-                                 check_teacher=False, **prec) if teacher is not None else
+                                 check_teacher=False, nat_teacher=nat, **prec) if teacher is not None else
                  adv_learner(student, dls, method=cfg['method'], threat=threat, **prec))
         before = {k: v.clone() for k, v in student.state_dict().items()}
         recalibrate_bn(learn, on=on, seed=seed)

@@ -25,7 +25,7 @@ import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fit_flat_cos, lr_
 from .core import ThreatModel, eval_mode, unwrap
 from .attacks import pgd
 from .methods import get_method, table_alpha
-from .callback.adversarial import AdvExamples, AdvDistill, DistillStat, prepare_teacher
+from .callback.adversarial import AdvExamples, AdvDistill, DistillStat, MethodState, prepare_teacher
 from .precision import as_attack_dtype
 from .callback.speed import AutoSpeed
 from .distributed import DistribTrainer   # also patches fastai's `Learner.distrib_ctx`
@@ -108,8 +108,8 @@ def _probe(model, x, who, dls_desc):
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
     return out.shape[1]
 
-def check_compatible(student:nn.Module, teacher:nn.Module|None, dls)->int:
-    "Number of classes, after checking that `student`, `teacher` and `dls` agree on it and on the input shape."
+def check_compatible(student:nn.Module, teacher:nn.Module|None, dls, who:str='teacher')->int:
+    "Number of classes, after checking that `student`, `teacher` and `dls` agree on it and on the input shape (`who`: the teacher's name in messages)."
     xb = dls.one_batch()[0] if not hasattr(dls, 'img_size') else None
     dev = next(iter(student.parameters()), torch.empty(0)).device
     x = torch.zeros(2, dls.in_chans, *dls.img_size, device=dev) if xb is None else xb[:2].to(dev)
@@ -121,9 +121,9 @@ def check_compatible(student:nn.Module, teacher:nn.Module|None, dls)->int:
                          f"build the student with num_classes={n_data}.")
     if teacher is not None:
         tdev = next(iter(teacher.parameters()), torch.empty(0)).device
-        n_t = _probe(teacher, x.to(tdev), 'teacher', desc)
+        n_t = _probe(teacher, x.to(tdev), who, desc)
         if n_t != n_s:
-            raise ValueError(f"The teacher ({_arch(teacher)}) outputs {n_t} classes but the student ({_arch(student)}) "
+            raise ValueError(f"The {who} ({_arch(teacher)}) outputs {n_t} classes but the student ({_arch(student)}) "
                              f"outputs {n_s}: they must be trained for the same classes.")
     return n_s
 
@@ -223,6 +223,24 @@ def _as_model(m, dls, who):
         return load_teacher(str(m), dataset={10: 'cifar10', 100: 'cifar100'}.get(getattr(dls, 'c', None)))
     raise TypeError(f"The {who} must be an nn.Module, a model name or a checkpoint path, got {type(m).__name__}.")
 
+def _nat_teacher(m, nat_teacher, student, dls):
+    "A method's natural teacher (MTARD), loaded, frozen and checked against the student's classes; None for one-teacher methods."
+    if nat_teacher is None:
+        if m.nat_teacher: raise ValueError(f"Method {m.name!r} distills from a robust and a natural teacher: pass nat_teacher= "
+                                           "(a network trained on clean images for the same classes, or its checkpoint path).")
+        return None
+    if not m.nat_teacher: raise ValueError(f"nat_teacher= is for a method with a second, naturally trained teacher (mtard); "
+                                           f"method {m.name!r} has one teacher: leave nat_teacher out.")
+    nt = _as_model(nat_teacher, dls, 'natural teacher')
+    if nt is student: raise ValueError("The natural teacher and the student are the same module: pass two networks.")
+    return prepare_teacher(nt, dls.device)
+
+def _recipe_cbs(m, learner_kwargs)->list:
+    "The callbacks of `m`'s recipe (SAAD's SWA), unless the learner's own `cbs` already average weights (`--keep swa`)."
+    if m.callbacks is None: return []
+    from igdmfast.callback.averaging import WeightAveraging
+    return [] if any(isinstance(cb, WeightAveraging) for cb in L(learner_kwargs.get('cbs'))) else m.callbacks()
+
 def _learner(model, dls, cbs, metrics, protocol, epochs, learner_kwargs):
     if protocol not in PROTOCOLS: raise ValueError(f"Unknown protocol {protocol!r}: use one of {list(PROTOCOLS)}.")
     p = dict(PROTOCOLS[protocol])
@@ -254,6 +272,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     compile:bool=False, # `torch.compile` the student (in place) and the view the attack runs
                     attack_dtype='auto', # the inner maximization's precision: 'auto' (measured at the first long fit: `AutoSpeed`), None/'fp32', 'bf16' or 'fp16'; checked against float32 at each fit's first batch
                     channels_last='auto', # store student and teacher weights channels-last (NHWC): 'auto' (measured at the first long fit: `AutoSpeed`), True or False
+                    nat_teacher:nn.Module|str|None=None, # MTARD's second teacher, trained on clean images: a module or a checkpoint path (required by 'mtard', refused by the others)
                     **learner_kwargs:Any, # anything else for fastai's `Learner` (cbs, path, lr, wd, opt_func, ...)
                    )->AdvLearner:
     "A fastai `Learner` that distills `teacher` into `student` with `method`, plus IGDM when `igdm`."
@@ -265,17 +284,23 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
     teacher = prepare_teacher(teacher, dls.device)
     student.to(dls.device)
     auto = _auto_speed(channels_last, attack_dtype)   # before the fixed rule resolves 'auto' for fits that are not probed
-    channels_last = _channels_last(channels_last, dls, student, teacher)
+    nat = _nat_teacher(m, nat_teacher, student, dls)
+    channels_last = _channels_last(channels_last, dls, student, teacher, nat)
     check_compatible(student, teacher, dls)
-    if igdm and alpha is None:
+    if nat is not None: check_compatible(student, nat, dls, who='natural teacher')
+    if igdm and alpha is None and m.igdm_builtin:   # SAAD: its own IGDM term, its code's α
+        alpha = m.defaults['igdm_alpha']
+        print(f"IGDM alpha = {alpha:g}: method {m.name!r}'s own IGDM term, its code's default.")
+    elif igdm and alpha is None:
         alpha, key, exact = table_alpha(m.name, getattr(dls, 'name', None), _arch(student))
         if alpha is None: raise ValueError(f"The paper's table has no IGDM alpha for method {m.name!r}: pass alpha=.")
         print(f"IGDM alpha = {alpha:g}, from the paper's table for {'/'.join(key)}"
               + ("" if exact else f" (no row for {getattr(dls, 'name', 'this data')}/{_arch(student)}: the default row)") + ".")
     if check_teacher: _warn_if_not_robust(teacher, dls, threat)
-    dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn)
+    dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn, nat_teacher=nat)
     attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
-    cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist], student, bf16, compile) + auto
+    cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist]
+                 + ([MethodState(dist.state)] if dist.state is not None else []) + _recipe_cbs(m, learner_kwargs), student, bf16, compile) + auto
     metrics = list(metrics) if isinstance(metrics, (list, tuple)) else [metrics] if metrics else []
     learn = _learner(student, dls, cbs, metrics + [DistillStat(k) for k in dist.stat_names], protocol, epochs, learner_kwargs)
     # the learner's own settings; the callbacks' (threat, fold_bn, attack_dtype, igdm, alpha, igdm_bn) are `AdvLearner`'s properties

@@ -14,7 +14,8 @@ from .core import check_labels, kl_div, upcast_half
 # %% auto #0
 __all__ = ['kl_through', 'pgd_at_needs', 'pgd_at_loss', 'trades_needs', 'trades_loss', 'ard_needs', 'ard_loss', 'iad_weights',
            'iad_needs', 'iad_loss', 'akd_needs', 'akd_loss', 'rslad_needs', 'rslad_loss', 'adaad_needs', 'adaad_loss',
-           'adaiad_needs', 'adaiad_loss', 'igdm_loss', 'igdm_weight']
+           'adaiad_needs', 'adaiad_loss', 'mtard_needs', 'mtard_terms', 'mtard_nat_weight', 'mtard_weight_lr',
+           'mtard_loss', 'igdm_loss', 'igdm_weight', 'renyi_entropy', 'saad_weights', 'saad_needs', 'saad_loss']
 
 # %% ../nbs/02_losses.ipynb #c4e7043c
 def kl_through(target_logits:Tensor, # logits of the target distribution P; gradients flow into them
@@ -261,6 +262,56 @@ def adaiad_loss(s_adv:Tensor, # student logits on x'
     "AdaIAD: a·τ²·KL(T(x')/τ ‖ S(x')/τ), plus a·(1/B)·Σ(1 − w)·KL(S(x) ‖ S(x')) from epoch `begin` on, + (1 − a)·CE(S(x), y)."
     return _introspective(s_adv, s_nat, ('t_adv', t_adv), t_adv, y, epoch, begin, temperature, kd_weight, beta)
 
+# %% ../nbs/02_losses.ipynb #134bc075
+def mtard_needs(epoch:int=0, **options)->frozenset:
+    "What `mtard_loss` reads: S(x′), S(x), the robust teacher's T(x′) and the natural teacher's logits on x."
+    return frozenset({'s_adv', 's_nat', 't_adv', 'nt_nat'})
+
+def mtard_terms(s_adv:Tensor, # student logits on x'
+                s_nat:Tensor, # student logits on the clean x
+                t_adv:Tensor, # the robust teacher's logits on x'
+                nt_nat:Tensor, # the natural (clean-trained) teacher's logits on the clean x
+                scale:float|None=None, # multiplier of both terms; None means n_classes/10 (official ×1 on CIFAR-10, ×10 on CIFAR-100)
+               )->tuple:
+    "MTARD's two terms `(L_adv, L_nat)`: s·KL̄(T_adv(x') ‖ S(x')) and s·KL̄(T_nat(x) ‖ S(x)), KL̄ averaged over B·C."
+    _check_logits(s_adv=s_adv, s_nat=s_nat, t_adv=t_adv, nt_nat=nt_nat)
+    if scale is None: scale = t_adv.shape[1] / 10
+    _check_number('scale', scale, 0, lo_open=True)
+    return scale * _rslad_kl(t_adv, s_adv).mean(), scale * _rslad_kl(nt_nat, s_nat).mean()
+
+def mtard_nat_weight(nat_weight, # w_nat before this step (a float or a 0-d tensor); w_adv = 1 − w_nat
+                     l_adv, l_nat, # this step's two terms (values: floats or detached 0-d tensors)
+                     init_adv, init_nat, # the two terms of the first step
+                     lr:float=0.025, # the weights' learning rate (`weight_learn_rate`)
+                     bert:float=1.0, # the exponent of the relative losses (`bert`)
+                    ):
+    "w_nat after one step: w − lr·(w − r_nat/(r_adv + r_nat)), with r = (L / L_init)^bert."
+    r_adv, r_nat = l_adv / init_adv, l_nat / init_nat
+    if bert != 1: r_adv, r_nat = r_adv ** bert, r_nat ** bert
+    return nat_weight - lr * (nat_weight - r_nat / (r_adv + r_nat))
+
+def mtard_weight_lr(lr:float=0.025, # the weights' initial learning rate
+                    epoch:int=0, # current epoch, 0-based
+                    n_epoch:int=300, # epochs of the fit
+                    milestones=(215/300, 260/300, 285/300), # fractions of the fit after which the rate is multiplied by `gamma`
+                    gamma:float=0.1, # the factor at each milestone
+                   )->float:
+    "The weights' learning rate at `epoch`: `lr`·gamma^k, k the milestones passed (official: ×0.1 after epochs 215, 260, 285 of 300)."
+    return lr * gamma ** sum(epoch >= round(m * n_epoch) for m in milestones)
+
+def mtard_loss(s_adv:Tensor, # student logits on x'
+               s_nat:Tensor, # student logits on the clean x
+               t_adv:Tensor, # the robust teacher's logits on x'
+               nt_nat:Tensor, # the natural teacher's logits on the clean x
+               nat_weight=0.5, # w_nat, the natural teacher's weight (the learner updates it every step); w_adv = 1 − w_nat
+               scale:float|None=None, # see `mtard_terms`
+              )->Tensor:
+    "MTARD: (1 − w_nat)·L_adv + w_nat·L_nat with the terms of `mtard_terms` (w as the official code: a float64 number)."
+    _check_number('nat_weight', float(nat_weight), 0, 1)
+    l_adv, l_nat = mtard_terms(s_adv, s_nat, t_adv, nt_nat, scale)
+    w = torch.as_tensor(nat_weight, dtype=torch.float64)
+    return (1 - w).to(l_adv.dtype).to(l_adv.device) * l_adv + w.to(l_nat.dtype).to(l_nat.device) * l_nat
+
 # %% ../nbs/02_losses.ipynb #0b8ce94d
 def igdm_loss(s_plus:Tensor, # student logits on x + δ
               s_minus:Tensor, # student logits on x − δ
@@ -284,3 +335,50 @@ def igdm_weight(alpha:float, # α, the IGDM weight reached in the last epoch (sp
     if not 0 <= epoch < n_epochs:
         raise ValueError(f"epoch must be a 0-based index in [0, {n_epochs - 1}] for n_epochs={n_epochs}, got {epoch}.")
     return alpha * (epoch + 1) / n_epochs
+
+# %% ../nbs/02_losses.ipynb #190afaa3
+def renyi_entropy(logits:Tensor, # logits (batch, classes)
+                  gamma:float=1.0, # the order γ; 1 is Shannon's entropy
+                 )->Tensor:
+    "Per-sample Rényi entropy of softmax(`logits`) as SAAD's `samplewise_renyi_entropy`: −Σ p·log(p + 1e−12) at γ = 1."
+    p = F.softmax(upcast_half(logits), 1)
+    if abs(gamma - 1.0) < 1e-6: return -(p * torch.log(p + 1e-12)).sum(1)
+    return torch.log((p ** gamma).sum(1) + 1e-12) / (1.0 - gamma)
+
+def saad_weights(t_adv:Tensor, # the teacher's logits on x + δ
+                 gamma:float=1.0, # order of the Rényi entropy
+                 entropy_scale:float=5.0, # the factor of the entropy above the batch minimum (`saad.py` line 76)
+                )->tuple:
+    "SAAD's per-sample weights `(w, w̄)`: w = max(0, scale·(H − min H)) and w̄ = w min-max normalized (constants)."
+    ent = renyi_entropy(t_adv.detach(), gamma)
+    w = torch.clamp(entropy_scale * (ent - ent.min()), min=0.0)
+    return w, (w - w.min()) / (w.max() - w.min() + 1e-8)
+
+def _kl_rows(t:Tensor, s:Tensor)->Tensor:
+    "Per-sample KL(softmax(t) ‖ softmax(s)) as `F.kl_div(log_softmax(s), softmax(t), reduction='none').sum(1)`, t detached."
+    return F.kl_div(F.log_softmax(upcast_half(s), 1), F.softmax(upcast_half(t).detach(), 1), reduction='none').sum(1)
+
+def saad_needs(epoch:int=0, **options)->frozenset:
+    "What `saad_loss` reads: S and T at x+δ, x−δ and x (the official step runs every one of these forwards)."
+    return frozenset({'s_adv', 's_minus', 's_nat', 't_adv', 't_minus', 't_nat'})
+
+def saad_loss(s_adv:Tensor, # student logits on x + δ = x'
+              s_minus:Tensor, # student logits on x − δ
+              s_nat:Tensor, # student logits on x
+              t_adv:Tensor, # teacher logits on x + δ
+              t_minus:Tensor, # teacher logits on x − δ
+              t_nat:Tensor, # teacher logits on x
+              epoch:int, # current epoch, 0-based
+              n_epoch:int, # epochs of the fit
+              igdm_alpha:float=1.0, # α of the IGDM term, reached in the last epoch (`--igdm_alpha`, official 1)
+              beta:float=0.0, # weight of the clean term (`--beta`, `main.sh` 0)
+              gamma:float=1.0, # order of the teacher's Rényi entropy (`--gamma`, `main.sh` 1)
+              entropy_scale:float=5.0, # w = max(0, scale·(H − min H)) (`saad.py` line 76)
+             )->Tensor:
+    "SAAD: mean of w·(KL(T(x+δ) ‖ S(x+δ)) + α·(e/E)·KL(Δ_T ‖ Δ_S)) + β·(1 − w̄)·KL(T(x) ‖ S(x)), w from the teacher's entropy."
+    _check_logits(s_adv=s_adv, s_minus=s_minus, s_nat=s_nat, t_adv=t_adv, t_minus=t_minus, t_nat=t_nat)
+    for name, v in (('igdm_alpha', igdm_alpha), ('beta', beta), ('entropy_scale', entropy_scale)): _check_number(name, v, 0)
+    _check_number('gamma', gamma, 0, lo_open=True)
+    w, w_norm = saad_weights(t_adv, gamma, entropy_scale)
+    igdm = igdm_weight(igdm_alpha, epoch, n_epoch) * _kl_rows(upcast_half(t_adv) - upcast_half(t_minus), upcast_half(s_adv) - upcast_half(s_minus))
+    return (w * (_kl_rows(t_adv, s_adv) + igdm) + beta * (1 - w_norm) * _kl_rows(t_nat, s_nat)).mean()

@@ -10,15 +10,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 import torch
 from torch import nn, Tensor
+import torch.nn.functional as F
 from .core import ThreatModel, eval_mode, kl_div
 from .attacks import perturb, kl_objective
 from .losses import (pgd_at_loss, trades_loss, ard_loss, iad_loss, akd_loss, rslad_loss, adaad_loss, adaiad_loss,
-                              pgd_at_needs, trades_needs, ard_needs, iad_needs, akd_needs, rslad_needs, adaad_needs, adaiad_needs)
+                              pgd_at_needs, trades_needs, ard_needs, iad_needs, akd_needs, rslad_needs, adaad_needs, adaiad_needs,
+                              mtard_needs, mtard_terms, mtard_nat_weight, mtard_weight_lr, saad_loss, saad_needs)
 
 # %% auto #0
-__all__ = ['inner_ce', 'inner_trades', 'inner_rslad', 'inner_adaad', 'ALPHA_TABLE', 'INNERS', 'METHODS', 'DistillBatch',
-           'objective_ce', 'objective_trades', 'objective_rslad', 'objective_adaad', 'table_alpha', 'Method',
-           'check_inner', 'from_loss', 'get_method']
+__all__ = ['inner_ce', 'inner_trades', 'inner_rslad', 'inner_adaad', 'ALPHA_TABLE', 'INNERS', 'MTARD_DEFAULTS', 'SAAD_DEFAULTS',
+           'inner_saad', 'METHODS', 'DistillBatch', 'objective_ce', 'objective_trades', 'objective_rslad',
+           'objective_adaad', 'table_alpha', 'Method', 'check_inner', 'MTARDWeights', 'mtard_outer',
+           'LinearizedTeacher', 'linearized_teacher', 'objective_saad', 'saad_callbacks', 'from_loss', 'get_method']
 
 # %% ../nbs/05_methods.ipynb #44d45063
 @dataclass
@@ -30,6 +33,11 @@ class DistillBatch:
     s_nat: Tensor|None = None # student logits on the clean x (train mode, with gradients)
     t_nat: Tensor|None = None # teacher logits on the clean x
     t_adv: Tensor|None = None # teacher logits on x′
+    nt_nat: Tensor|None = None # the natural (second) teacher's logits on the clean x (MTARD)
+    s_minus: Tensor|None = None # student logits on x − δ, train mode (SAAD, whose loss holds the IGDM term)
+    t_minus: Tensor|None = None # teacher logits on x − δ (SAAD)
+    n_epoch: int = 1 # epochs of the fit
+    state: object = None # the method's running state across steps (`Method.state`: MTARD's `MTARDWeights`), else None
 
 # %% ../nbs/05_methods.ipynb #1ec9ea9b
 def objective_ce(student, teacher, x, y, t_nat=None, mode='eval'):
@@ -135,6 +143,10 @@ class Method:
     defaults: dict = field(default_factory=dict) # official keyword defaults of the outer loss
     summary: str = '' # one line for docs and `--help`
     inner_name: str|None = None # None: the method's own inner maximization; else the key of `INNERS` that replaced it
+    nat_teacher: bool = False # the outer loss also reads a second, naturally trained teacher on the clean x (MTARD)
+    state: Callable|None = None # () -> the running state the outer loss updates each step (MTARD's adaptive weights), or None
+    igdm_builtin: bool = False # the outer loss holds its own IGDM term (SAAD): `igdm`/`alpha` switch and weigh it, no term is added
+    callbacks: Callable|None = None # () -> callbacks the recipe includes (SAAD's SWA), added by `distill_learner`
 
     def loss_kwargs(self, **overrides):
         "The outer loss's keyword arguments: the defaults updated by `overrides` (unknown names refused)."
@@ -189,9 +201,90 @@ def check_inner(inner:str|None, # None or 'method' (the method's own inner maxim
                          f"{', '.join(repr(k) for k in INNERS)}.")
     return key
 
+# %% ../nbs/05_methods.ipynb #de271a82
+MTARD_DEFAULTS = dict(scale=None, weight_lr=0.025, bert=1.0, weight_milestones=(215/300, 260/300, 285/300), weight_gamma=0.1)
+
+def _global_mean(*vals:Tensor)->tuple:
+    "Each 0-d tensor averaged over the processes of a distributed run (equal shards: the global batch's mean); as it is in one process."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return vals
+    t = torch.stack(vals)
+    dist.all_reduce(t)
+    return tuple(t / dist.get_world_size())
+
+@dataclass
+class MTARDWeights:
+    "MTARD's adaptive teacher weights: w_nat (w_adv = 1 − w_nat) and the two terms of the first step, updated every training step."
+    nat_weight: object = 0.5 # w_nat: the official start 1/2 (a float64 0-d tensor after the first update)
+    init_adv: Tensor|None = None # L_adv of the first training step (`init_loss_adv`)
+    init_nat: Tensor|None = None # L_nat of the first training step (`init_loss_nat`)
+
+    def update(self, l_adv:Tensor, l_nat:Tensor, lr:float, bert:float=1.0)->Tensor:
+        "Record the first step's terms, then move w_nat with this step's terms (`mtard_nat_weight`); returns the new w_nat."
+        l_adv, l_nat = _global_mean(l_adv.detach().double(), l_nat.detach().double())   # the official `.item()`s, without a host sync
+        if self.init_adv is None: self.init_adv, self.init_nat = l_adv, l_nat
+        dev = l_adv.device
+        w = torch.as_tensor(self.nat_weight, dtype=torch.float64, device=dev)
+        self.nat_weight = mtard_nat_weight(w, l_adv, l_nat, self.init_adv.to(dev), self.init_nat.to(dev), lr, bert)
+        return self.nat_weight
+
+    stat_names = ('nat_weight',)
+    def stats(self)->dict: return {'nat_weight': self.nat_weight}
+
+    def state_dict(self)->dict:
+        "The state as float64 CPU tensors (NaN for the first losses before the first step)."
+        f = lambda v: torch.as_tensor(float('nan') if v is None else v, dtype=torch.float64).detach().cpu()
+        return dict(nat_weight=f(self.nat_weight), init_adv=f(self.init_adv), init_nat=f(self.init_nat))
+
+    def load_state_dict(self, sd:dict):
+        "Continue from `state_dict()`'s values."
+        get = lambda k: None if torch.isnan(sd[k]) else sd[k].to(torch.float64)
+        self.nat_weight, self.init_adv, self.init_nat = sd['nat_weight'].to(torch.float64), get('init_adv'), get('init_nat')
+
+def mtard_outer(b:DistillBatch, scale=None, weight_lr=0.025, bert=1.0, weight_milestones=(215/300, 260/300, 285/300),
+                weight_gamma=0.1)->Tensor:
+    "MTARD's outer loss for one training step: its two terms, the weights updated with them (`b.state`), then the weighted sum."
+    if not isinstance(b.state, MTARDWeights):
+        raise ValueError("MTARD's outer loss needs its running state (`DistillBatch.state`, an `MTARDWeights`): the learner's AdvDistill passes it.")
+    l_adv, l_nat = mtard_terms(b.s_adv, b.s_nat, b.t_adv, b.nt_nat, scale)
+    w = b.state.update(l_adv, l_nat, mtard_weight_lr(weight_lr, b.epoch, b.n_epoch, weight_milestones, weight_gamma), bert)
+    return (1 - w).to(l_adv.dtype) * l_adv + w.to(l_nat.dtype) * l_nat
+
+# %% ../nbs/05_methods.ipynb #2987a1f9
+SAAD_DEFAULTS = dict(igdm_alpha=1.0, beta=0.0, gamma=1.0, entropy_scale=5.0)   # args.py line 7, main.sh lines 8-10, saad.py line 76
+
+class LinearizedTeacher(nn.Module):
+    "SAAD's teacher in the attack: T(x) with its true-class logit moved by λ·∇_x T_y(x)·(x′ − x) (`saad_inner_loss`)."
+    def __init__(self, t_x:Tensor, grad_y:Tensor, x:Tensor, y:Tensor, lam:float=1.0):
+        super().__init__()
+        self.t_x, self.grad_y, self.x, self.lam = t_x.detach(), grad_y.detach(), x.detach(), lam
+        self.onehot = F.one_hot(y.long(), t_x.shape[1]).to(t_x.dtype)
+    def forward(self, z:Tensor)->Tensor:
+        corr = torch.einsum('bchw,bchw->b', self.grad_y, z - self.x) if z.ndim == 4 else ((z - self.x) * self.grad_y).flatten(1).sum(1)
+        return self.t_x + (self.lam * corr)[:, None] * self.onehot
+
+def linearized_teacher(teacher:nn.Module, x:Tensor, y:Tensor, lam:float=1.0)->LinearizedTeacher:
+    "T(x) and ∇_x Σ_i T_{y_i}(x_i) from one forward and backward of `teacher` (in eval mode), as a `LinearizedTeacher`."
+    with eval_mode(teacher), torch.enable_grad():
+        xt = x.detach().requires_grad_(True)
+        t = teacher(xt)
+        g, = torch.autograd.grad(t.gather(1, y.long()[:, None]).sum(), xt)
+    return LinearizedTeacher(t, g, x, y, lam)
+
+def objective_saad(student, teacher, x, y, t_nat=None, mode='eval'):
+    "What SAAD's inner maximization attacks: the student and the linearized teacher together, KL(T̃(x′) ‖ S(x′))."
+    return (student, linearized_teacher(teacher, x, y)), None, _adaad_objective
+
+inner_saad = _inner('inner_saad', objective_saad, "Maximize KL(T̃(x′) ‖ S(x′)) with T̃ the teacher linearized at x in its true-class logit: SAAD.")
+
+def saad_callbacks()->list:
+    "SAAD's SWA: the end-of-epoch weights averaged from epoch 95 of 200 (as a fraction), BatchNorm recomputed on clean images."
+    from igdmfast.callback.averaging import WeightAveraging
+    return [WeightAveraging('swa', start=94.5 / 200, bn_on='clean')]
+
 # %% ../nbs/05_methods.ipynb #20c5e603
 _FIELDS = tuple(f.name for f in dataclasses.fields(DistillBatch))
-_ON_DEMAND = frozenset({'s_nat', 't_nat', 't_adv'})   # the outputs a step computes only when the outer loss reads them
+_ON_DEMAND = frozenset({'s_nat', 't_nat', 't_adv', 'nt_nat', 's_minus', 't_minus'})   # the outputs a step computes only when the outer loss reads them
 
 def from_loss(loss:Callable, # a loss of `igdmfast.losses`, its inputs named as the fields of `DistillBatch`
               needs:Callable, # the loss's own declaration of what it reads: (epoch, **loss_kwargs) -> names (`ard_needs`, ...)
@@ -227,6 +320,12 @@ METHODS = {m.name: m for m in [
     Method('adaiad', inner_adaad, **from_loss(adaiad_loss, adaiad_needs), random_start='normal', attack_mode='eval',
            teacher_in_attack=True, defaults=dict(begin=60, temperature=30.0, kd_weight=1.0, beta=0.1),
            summary="AdaIAD: AdaAD's inner maximization, IAD-I's outer loss with the teacher at x′ (τ = 30, from epoch 60 IAD's self-introspection)"),
+    Method('mtard', inner_ce, mtard_outer, random_start='normal', attack_mode='eval', nat_teacher=True, state=MTARDWeights,
+           needs=lambda kw, epoch: mtard_needs(epoch=epoch, **kw) & _ON_DEMAND, defaults=dict(MTARD_DEFAULTS),
+           summary='MTARD: w_adv·KL̄(T_adv(x′) ‖ S(x′)) + w_nat·KL̄(T_nat(x) ‖ S(x)), adaptive weights; x′ from PGD-CE on the student'),
+    Method('saad', inner_saad, **from_loss(saad_loss, saad_needs), random_start='normal', attack_mode='eval', teacher_in_attack=True,
+           igdm_builtin=True, callbacks=saad_callbacks, defaults=dict(SAAD_DEFAULTS),
+           summary="SAAD: AdaAD + IGDM weighted per sample by the teacher's entropy at x+δ; x′ against a linearized teacher; SWA"),
 ]}
 
 def get_method(method)->Method:

@@ -17,7 +17,7 @@ __all__ = ['robustbench_datasets', 'teacher_files', 'load_model_arg', 'load_teac
            'keep_callbacks', 'load_kept', 'learner_kwargs', 'recorded_speed', 'speed_kwargs', 'record_speed',
            'build_model', 'train_teacher', 'distill_student', 'check_training', 'check_models', 'probe_model',
            'probe_models', 'file_sha256', 'run_dls', 'run_settings', 'run_notes', 'speed_notes', 'variant_dir',
-           'measured']
+           'measured', 'check_nat_teacher', 'load_nat_teacher_arg']
 
 # %% ../nbs/14_runs.ipynb #6d125c5e
 def robustbench_datasets(teacher:str, # a RobustBench name
@@ -286,6 +286,7 @@ def distill_student(t_model, # the teacher
                     igdm_bn:str='update', # `--igdm-bn`: whether IGDM's forward at x − δ updates BatchNorm's running statistics
                     keep:dict|None=None, # `options.parse_keep`'s result: the weights student.pt holds (None: the last epoch's)
                     holdout=None, # the held-out loader of `holdout_split` (`--keep best`, and the robust-validation column of 'swa')
+                    nat_teacher=None, # `--nat-teacher` loaded (`load_nat_teacher_arg`): the second teacher of MTARD, else None
                    )->tuple:
     "Distill `t_model` into a fresh seeded `student` in folder `out` (checkpoint.pt, history.csv, student.pt); returns (learner, seconds)."
     from igdmfast.core import seed_everything
@@ -295,6 +296,7 @@ def distill_student(t_model, # the teacher
     s_model = build_model(student, dls)
     print(f"Distilling into {student} with {method}{' + IGDM' if igdm else ''} ({epochs} epochs)...")
     learn = distill_learner(t_model, s_model, dls, method=method, igdm=igdm, alpha=alpha, threat=threat, path=out, inner=inner, igdm_bn=igdm_bn,
+                            nat_teacher=nat_teacher,
                             cbs=_history_logger('history.csv') + [Checkpoint('checkpoint.pt'), StopOnNaN()] + keep_callbacks(keep, holdout, seed),
                             **speed_kwargs(learner_kwargs(prec, lr, sched), out, 'student', resume))
     record_speed(learn, out, 'student')
@@ -416,6 +418,44 @@ def measured(run_dir, # the variant's folder (the teacher's: the comparison's)
     r = paper_eval(model, dls.valid, threat, o['n_aa'], o['seed'], teacher=teacher, n_curve=o['n_curve'])
     write_json(f, r)
     return r
+
+# %% ../nbs/14_runs.ipynb #69b6a306
+def check_nat_teacher(o:dict, # the options of `train` or `compare`: 'nat_teacher', 'alpha', 'igdm' (train)
+                      methods:list, # the methods the command trains
+                      igdm:bool=True, # whether any variant adds IGDM
+                     )->list:
+    "Check `--nat-teacher` against the methods and IGDM's α before anything loads; the files it names ([] or [path])."
+    from igdmfast.methods import get_method, table_alpha
+    two = [m for m in methods if get_method(m).nat_teacher]
+    nt = o.get('nat_teacher')
+    if two and nt is None:
+        raise CLIError(f"--method {two[0]} distills from a robust and a natural teacher: pass --nat-teacher PATH, a checkpoint of a "
+                       "network trained on clean images for the same classes (saved with igdmfast.weights.save_weights).")
+    if nt is not None and not two:
+        raise CLIError(f"--nat-teacher is the second teacher of mtard; --method {','.join(methods)} has one teacher: leave --nat-teacher out.")
+    if nt is not None and not Path(nt).is_file(): raise CLIError(f"--nat-teacher {nt}: no such file (give the checkpoint of a natural teacher).")
+    for m in methods:
+        if get_method(m).igdm_builtin and o.get('igdm_bn', 'update') != 'update':
+            raise CLIError(f"--method {m} runs its own forward at x − δ as its code does: leave out --igdm-bn (it must be 'update').")
+    if igdm and o.get('alpha') is None:
+        for m in methods:
+            if table_alpha(m)[0] is None and not get_method(m).igdm_builtin:   # SAAD's own term has its code's α
+                raise CLIError(f"IGDM with --method {m}: the paper's table has no alpha for {m}; pass --alpha A, or --no-igdm"
+                               + (" (compare trains every method with IGDM too)." if 'methods' in o else "."))
+    return [Path(nt)] if nt is not None else []
+
+def load_nat_teacher_arg(path, # `--nat-teacher` (None: no second teacher)
+                         student:str, # `--student`: the natural teacher must give its class count
+                         dls, # the run's data
+                        ):
+    "Load `--nat-teacher` onto the data's device, refusing one that cannot classify the data's images into its classes."
+    if path is None: return None
+    from igdmfast.learner import check_compatible
+    nat = load_model_arg(path, None, '--nat-teacher').to(dls.device)
+    try:
+        with torch.random.fork_rng(devices=[]): check_compatible(build_model(student, dls), nat, dls, who='natural teacher')
+    except ValueError as e: raise CLIError(f"--nat-teacher {path}: {e}") from None
+    return nat
 
 # %% ../nbs/14_runs.ipynb #cf7419b0
 _MOVED = {**dict.fromkeys(('CLIError', 'n_processes', 'is_main', 'parse_device', 'check_numbers', 'parse_threat', 'parse_schedule',

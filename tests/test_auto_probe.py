@@ -37,7 +37,8 @@ def build(out=None, student='tiny_mobilenet_cifar', cbs=(), bs=16, n_train=400, 
     dls = get_dls('digits', bs=bs, n_train=n_train, n_valid=32, seed=0)
     t = timm.create_model('small_cnn', num_classes=10, in_chans=1)
     s = timm.create_model(student, num_classes=10, in_chans=1)
-    return distill_learner(t, s, dls, method='rslad', threat=THREAT, check_teacher=False, path=out or '.', cbs=list(cbs), **kw)
+    kw = {'method': 'rslad', **kw}
+    return distill_learner(t, s, dls, threat=THREAT, check_teacher=False, path=out or '.', cbs=list(cbs), **kw)
 
 
 def fit(learn, epochs=2, start=0):
@@ -82,6 +83,22 @@ def test_probed_fit_equals_the_fit_pinned_to_its_choice():
     probed = fit(learn)
     choice = learn.auto_speed.record['choice']
     assert same(probed, fit(build(**choice)))
+
+
+def test_a_probed_mtard_fit_equals_the_pinned_fit_and_keeps_its_weights():
+    "The probe's outer steps must not move MTARD's adaptive weights or record its first losses; its second teacher is probed too."
+    def mtard(**kw):
+        seed_everything(1)
+        nat = timm.create_model('small_cnn', num_classes=10, in_chans=1)
+        return build(method='mtard', nat_teacher=nat, igdm=False, **kw)
+    learn = mtard()
+    probed = fit(learn)
+    assert [len(speed._models(learn)), len(speed._models(build()))] == [3, 2]   # student and both teachers; student and teacher
+    choice = learn.auto_speed.record['choice']
+    pinned = mtard(**choice)
+    assert same(probed, fit(pinned))
+    a, b = learn.adv_distill.state.state_dict(), pinned.adv_distill.state.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_explicit_values_skip_the_probe(monkeypatch):

@@ -217,3 +217,73 @@ def test_bad_input_is_one_clear_line_and_leaves_no_run_folder(tmp_path, cmd, arg
     assert 'Traceback' not in r.stderr
     assert message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / 'x').exists()   # nothing that a later --resume would trip on
+
+
+# --------------------------------------------------------------------------- MTARD's second teacher (issue #30)
+
+@pytest.fixture(scope='module')
+def nat_teachers(tmp_path_factory):
+    "A natural teacher (small_cnn trained 3 epochs on clean digits) and one for 5 classes, saved with their architecture."
+    import timm, torch
+    from fastai.learner import Learner
+    import fastai.callback.progress, fastai.callback.schedule  # noqa: F401  (no_bar, fit_one_cycle)
+    from igdmfast.core import seed_everything
+    from igdmfast.data import get_dls
+    from igdmfast.weights import save_weights
+    import igdmfast.models  # noqa: F401  (small_cnn)
+    d = tmp_path_factory.mktemp('nat')
+    seed_everything(0)
+    dls = get_dls('digits', bs=64, device='cpu', n_train=512, n_valid=100)
+    learn = Learner(dls, timm.create_model('small_cnn', num_classes=10, in_chans=1), loss_func=torch.nn.CrossEntropyLoss())
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-3)
+    save_weights(learn.model, d / 'nat.pt', arch='small_cnn')
+    save_weights(timm.create_model('small_cnn', num_classes=5, in_chans=1), d / 'nat5.pt', arch='small_cnn')
+    return d / 'nat.pt', d / 'nat5.pt'
+
+
+def test_mtard_train_and_recalibrate(tmp_path, teacher_pt, nat_teachers):
+    "`igdmfast train --method mtard --nat-teacher PATH`: the adaptive weight logged and checkpointed; recalibrate-bn reloads both teachers."
+    import torch
+    out = tmp_path / 'mtard'
+    r = run('train', *FAST, '--epochs', '2', '--method', 'mtard', '--no-igdm', '--teacher', str(teacher_pt),
+            '--nat-teacher', str(nat_teachers[0]), '--out', str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = (out / 'history.csv').read_text().splitlines()[0].split(',')
+    assert 'nat_weight' in head
+    w = [float(l.split(',')[head.index('nat_weight')]) for l in (out / 'history.csv').read_text().splitlines()[1:]]
+    assert len(w) == 2 and all(0 < v < 1 for v in w) and w[0] != 0.5, w
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['method'] == 'mtard' and cfg['nat_teacher'] == str(nat_teachers[0]) and len(cfg['nat_teacher_sha256']) == 64, cfg
+    ck = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert abs(ck['callbacks']['method_state']['nat_weight'].item() - w[-1]) < 0.05
+    rc = run('recalibrate-bn', str(out), '--out', str(tmp_path / 'recal'))
+    assert rc.returncode == 0, rc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('cmd, args, message', [
+    ('train', ('--method', 'mtard', '--no-igdm'), 'pass --nat-teacher PATH'),
+    ('train', ('--method', 'ard', '--nat-teacher', '{nat}'), 'leave --nat-teacher out'),
+    ('train', ('--method', 'mtard', '--nat-teacher', 'missing_nat.pt', '--no-igdm'), 'missing_nat.pt: no such file'),
+    ('train', ('--method', 'mtard', '--nat-teacher', '{nat}'), 'no alpha for mtard; pass --alpha A, or --no-igdm'),
+    ('compare', ('--methods', 'ard,mtard', '--nat-teacher', '{nat}'), 'no alpha for mtard'),
+    ('train', ('--method', 'mtard', '--no-igdm', '--nat-teacher', '{nat5}', '--teacher', '{teacher}'),
+     'natural teacher (small_cnn) outputs 5 classes but the student'),
+    ('train', ('--method', 'saad', '--igdm-bn', 'keep'), "leave out --igdm-bn (it must be 'update')"),
+])
+def test_mtard_bad_inputs(tmp_path, teacher_pt, nat_teachers, cmd, args, message):
+    fill = dict(nat=str(nat_teachers[0]), nat5=str(nat_teachers[1]), teacher=str(teacher_pt))
+    r = run(cmd, *FAST, '--out', str(tmp_path / 'x'), *[a.format(**fill) for a in args])
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert 'Traceback' not in r.stderr and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / 'x').exists()
+
+
+def test_saad_train(tmp_path, teacher_pt):
+    "`igdmfast train --method saad`: its own IGDM term (α 1 by default, no additive column) and its SWA into student.pt."
+    out = tmp_path / 'saad'
+    r = run('train', *FAST, '--epochs', '2', '--method', 'saad', '--teacher', str(teacher_pt), '--out', str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = (out / 'history.csv').read_text().splitlines()[0].split(',')
+    assert 'base_loss' in head and 'igdm_loss' not in head, head
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['extra']['config']['alpha_used'] == 1.0 and m['extra']['config']['method'] == 'saad'

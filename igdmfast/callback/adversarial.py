@@ -20,7 +20,7 @@ from torch.optim.swa_utils import update_bn
 
 # %% auto #0
 __all__ = ['IGDM_BN', 'RECALIBRATE_ON', 'prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat', 'bn_eval',
-           'keep_bn_stats', 'AdvDistill', 'recalibrate_bn']
+           'keep_bn_stats', 'AdvDistill', 'recalibrate_bn', 'MethodState']
 
 # %% ../../nbs/06_callback.adversarial.ipynb #dee4900b
 def prepare_teacher(teacher:nn.Module, # the teacher network
@@ -95,6 +95,7 @@ class Step:
     x_minus: Tensor|None = None # x − δ with δ = x′ − x, not clamped to [0,1] (IGDM)
     t_adv: Tensor|None = None # T(x′) = T(x+δ)
     t_minus: Tensor|None = None # T(x−δ)
+    nt_nat: Tensor|None = None # the natural teacher's logits on x (MTARD), when the outer loss reads them
 
 def _view(model:nn.Module, x:Tensor, fold_bn:bool)->nn.Module:
     "The module for `model`'s eval-mode forwards: its `bn_folded` view checked on `x`, or `model` itself."
@@ -242,7 +243,7 @@ def keep_bn_stats(model:nn.Module, # the model whose forwards should leave its B
 class AdvDistill(Callback):
     "Stages 2 to 5 of a step: the teacher's outputs, the student's, the method's outer loss and the IGDM term inside it."
     order, run_valid = AdvExamples.order + 1, False
-    _stateattrs = ('teacher', 'stats', '_view')
+    _stateattrs = ('teacher', 'nat_teacher', 'stats', '_view', '_nat_view')
     def __init__(self,
                  method:str|Method='adaad', # a key of `METHODS` (or a `Method`)
                  teacher:nn.Module|None=None, # the teacher (needed by distillation methods and by IGDM); the same module as `AdvExamples`'
@@ -251,6 +252,7 @@ class AdvDistill(Callback):
                  loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                  fold_bn:bool=True, # run the teacher's conv→BatchNorm pairs as one convolution (`bn_folded`)
                  igdm_bn:str='update', # BatchNorm in IGDM's student forwards: a key of `IGDM_BN` ('update': the official code)
+                 nat_teacher:nn.Module|None=None, # the second, naturally trained teacher of a method that has one (MTARD): its logits on x
                 ):
         self.method, self.teacher, self.igdm, self.fold_bn = get_method(method), teacher, igdm, fold_bn
         if igdm_bn not in IGDM_BN:
@@ -261,11 +263,28 @@ class AdvDistill(Callback):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0 or alpha != alpha:
             raise ValueError(f"IGDM's alpha must be a non-negative number, got {alpha!r}.")
         self.alpha = float(alpha)
+        if self.method.igdm_builtin:   # SAAD: the loss holds its own IGDM term, switched by `igdm` and weighed by `alpha`
+            if 'igdm_alpha' in (loss_kwargs or {}):
+                raise ValueError(f"Method {self.method.name!r} weighs its own IGDM term with alpha=: pass alpha= (igdm=False: "
+                                 "no IGDM term), not loss_kwargs igdm_alpha.")
+            if igdm_bn != 'update':
+                raise ValueError(f"Method {self.method.name!r} runs its own forward at x − δ as its code does: igdm_bn must be 'update'.")
+            self.kw['igdm_alpha'] = self.alpha if igdm else 0.
+        self._add_igdm = igdm and not self.method.igdm_builtin   # the learner's additive IGDM term
         if teacher is None and (igdm or self.method.uses_teacher):
             raise ValueError(f"{'IGDM' if igdm else 'Method ' + repr(self.method.name)} needs a teacher: pass `teacher=`.")
-        self.stats, self._view = {}, None
+        if self.method.nat_teacher and nat_teacher is None:
+            raise ValueError(f"Method {self.method.name!r} distills from a robust and a natural teacher: pass `nat_teacher=` "
+                             "(a network trained on clean images for the same classes).")
+        if nat_teacher is not None and not self.method.nat_teacher:
+            raise ValueError(f"nat_teacher= is for a method with a second, naturally trained teacher (mtard); method "
+                             f"{self.method.name!r} has one teacher: leave nat_teacher out.")
+        self.nat_teacher = nat_teacher
+        self.state = self.method.state() if self.method.state is not None else None   # e.g. MTARD's adaptive weights
+        self.stats, self._view, self._nat_view = {}, None, None
 
-    def _init_state(self): self._state, self.teacher, self.stats, self._view = {}, None, {}, None  # after unpickling: no teacher
+    def _init_state(self):   # after unpickling: no teacher
+        self._state, self.teacher, self.nat_teacher, self.stats, self._view, self._nat_view = {}, None, None, {}, None, None
 
     def before_fit(self):
         self.adv = getattr(self.learn, 'adv_examples', None)
@@ -273,6 +292,11 @@ class AdvDistill(Callback):
         self._view = None
         if self.teacher is not None and self.teacher is not self.adv.teacher:   # not AdvExamples' (prepared there): its own
             self.teacher = prepare_teacher(self.teacher, self.dls.device)
+        if self.nat_teacher is not None: self.nat_teacher, self._nat_view = prepare_teacher(self.nat_teacher, self.dls.device), None
+        if self.state is not None and not any(isinstance(cb, MethodState) and cb.state is self.state for cb in self.learn.cbs):
+            raise ValueError(f"Method {self.method.name!r} keeps a state across steps (learn.adv_distill.state): add "
+                             "`MethodState(learn.adv_distill.state)` to the learner's callbacks (distill_learner does), so that "
+                             "checkpoints hold it.")
 
     def before_train(self):
         if getattr(self.learn.loss_func, '__self__', None) is not self:  # still installed if an exception skipped `after_train`
@@ -296,42 +320,49 @@ class AdvDistill(Callback):
 
     def before_batch(self):
         "Stage 2, the teacher's outputs this step needs, in one batched call: T(x), T(x′) = T(x+δ), T(x−δ)."
-        if self.teacher is None and (self.igdm or self.method.uses_teacher):
+        if (self.teacher is None and (self.igdm or self.method.uses_teacher)) or (self.method.nat_teacher and self.nat_teacher is None):
             raise ValueError("This learner has no teacher (a loaded export carries none): it can predict but not train.")
         st = self.adv.step
         st.needs = self.method.needs(self.kw, self.epoch)
         want = []
         if 't_nat' in st.needs and st.t_nat is None: want.append(('t_nat', st.x))
-        if 't_adv' in st.needs or self.igdm: want.append(('t_adv', st.x_adv))
-        if self.igdm:
+        if 't_adv' in st.needs or self._add_igdm: want.append(('t_adv', st.x_adv))
+        if self._add_igdm or 't_minus' in st.needs or 's_minus' in st.needs:
             st.x_minus = st.x - (st.x_adv - st.x)   # x − δ with δ = x′ − x (the official code's rounding), not clamped to [0,1]
-            want.append(('t_minus', st.x_minus))
+            if self._add_igdm or 't_minus' in st.needs: want.append(('t_minus', st.x_minus))
         if want:
             with torch.no_grad(): outs = self._teacher(st)(torch.cat([v for _, v in want])).split([len(v) for _, v in want])
             for (k, _), o in zip(want, outs): setattr(st, k, o)
+        if 'nt_nat' in st.needs:   # the natural teacher (MTARD), on the clean x
+            if self._nat_view is None: self._nat_view = _view(self.nat_teacher, st.x, self.fold_bn)
+            with torch.no_grad(): st.nt_nat = self._nat_view(st.x)
 
     def lf(self, pred, *yb):
         "Stages 3 to 5: the student's outputs (S(x′) is `pred`), the method's outer loss, plus the weighted IGDM term."
         if not self.training: return self.old_lf(pred, *yb)
         st = self.adv.step
+        s_m = self.model(st.x_minus) if 's_minus' in st.needs else None   # 3. a loss's own S(x−δ) (SAAD), before S(x) as its script
         s_nat = self.model(st.x) if 's_nat' in st.needs else None                        # 3. S(x), S(x−δ): train mode
         s_plus = s_minus = None
-        if self.igdm and self.igdm_bn == 'eval':   # S(x+δ), S(x−δ) with the running statistics: one batched call
+        if self._add_igdm and self.igdm_bn == 'eval':   # S(x+δ), S(x−δ) with the running statistics: one batched call
             with bn_eval(self.model): s_plus, s_minus = self.model(torch.cat([st.x_adv, st.x_minus])).split(len(st.x))
-        elif self.igdm:
+        elif self._add_igdm:
             s_plus = pred                                                                  # S(x+δ) = S(x′): fastai's forward
             with keep_bn_stats(self.model) if self.igdm_bn == 'keep' else nullcontext(): s_minus = self.model(st.x_minus)
-        b = DistillBatch(s_adv=pred, y=yb[0], epoch=self.epoch, s_nat=s_nat, t_nat=st.t_nat, t_adv=st.t_adv)
+        b = DistillBatch(s_adv=pred, y=yb[0], epoch=self.epoch, s_nat=s_nat, t_nat=st.t_nat, t_adv=st.t_adv, nt_nat=st.nt_nat,
+                         n_epoch=self.n_epoch, state=self.state, s_minus=s_m, t_minus=st.t_minus)
         base = self.method.outer(b, **self.kw)                                            # 4. the outer loss
         self._log('base_loss', base)
-        if not self.igdm: return base
+        if self.state is not None:
+            for k, v in self.state.stats().items(): self._log(k, v)
+        if not self._add_igdm: return base
         term, w = igdm_loss(s_plus, s_minus, st.t_adv, st.t_minus), igdm_weight(self.alpha, self.epoch, self.n_epoch)   # 5. IGDM
         self._log('igdm_loss', term); self._log('igdm_weight', w)
         return base + w * term
 
     def after_fit(self):
         "With `igdm_bn='recalibrate'`: the student's running statistics recomputed on the method's x′ (one pass, seeded)."
-        if self.igdm and self.igdm_bn == 'recalibrate': recalibrate_bn(self.learn, on='adv')
+        if self._add_igdm and self.igdm_bn == 'recalibrate': recalibrate_bn(self.learn, on='adv')
 
     def _log(self, key, v):
         "Accumulate a training-epoch sum without a host sync."
@@ -348,7 +379,7 @@ class AdvDistill(Callback):
     @property
     def stat_names(self):
         "The names of the logged components."
-        return ['base_loss'] + (['igdm_loss', 'igdm_weight'] if self.igdm else [])
+        return ['base_loss'] + list(getattr(self.state, 'stat_names', ())) + (['igdm_loss', 'igdm_weight'] if self._add_igdm else [])
 
 RECALIBRATE_ON = ('clean', 'adv')   # the inputs `recalibrate_bn` can recompute the running statistics on
 
@@ -373,3 +404,10 @@ def recalibrate_bn(learn, # a learner of `distill_learner` or `adv_learner` (or 
         finally: model.train(was_training)
     update_bn(xs, model)   # running statistics reset, then the cumulative average (momentum None), mode restored
     return learn
+
+# %% ../../nbs/06_callback.adversarial.ipynb #9d833dfe
+class MethodState(Callback):
+    "Keep a method's running state (`AdvDistill.state`, e.g. MTARD's adaptive weights) in `Checkpoint` files and restore it on a resume."
+    def __init__(self, state): self.state = state   # the object `AdvDistill` updates; saved through its state_dict()
+    def checkpoint_state(self)->dict: return self.state.state_dict()
+    def load_checkpoint_state(self, sd:dict): self.state.load_state_dict(sd)

@@ -208,9 +208,10 @@ def speed_note(rec:dict # an `AutoSpeed` record
     return f"AutoSpeed: {what} (probe {rec.get('probe_s', 0):.2f} s; estimated step: {times}{check})."
 
 def _models(learn)->list:
-    "The step's networks: the student (unwrapped) and the teacher, once each."
-    s, t = unwrap(learn.model), getattr(learn.adv_examples, 'teacher', None)
-    return [s] if t is None or t is s else [s, t]
+    "The step's networks, once each: the student (unwrapped), the attack's and the loss's teachers, a second (natural) teacher."
+    dist = getattr(learn, 'adv_distill', None)
+    ms = (unwrap(learn.model), getattr(learn.adv_examples, 'teacher', None), getattr(dist, 'teacher', None), getattr(dist, 'nat_teacher', None))
+    return [m for i, m in enumerate(ms) if m is not None and all(m is not o for o in ms[:i])]
 
 def _timer(dev):
     "Seconds since the last call (the device synchronised first)."
@@ -274,6 +275,7 @@ def probe(self:AutoSpeed, x:Tensor, y:Tensor)->dict:
     models, dev, t0 = _models(learn), x.device, time.perf_counter()
     cands, est, check = speed_candidates(dev, self.layout, self.precision), {}, None
     saved, stats = _Saved(models, learn.opt), (dict(dist.stats) if dist is not None else None)
+    state = copy.deepcopy(vars(dist.state)) if getattr(dist, 'state', None) is not None else None   # e.g. MTARD's weights
     threat, dtype0, check0 = adv.threat, adv.dtype, adv.precision_check
     k, n_steps = max(1, min(self.attack_steps, threat.n_steps)), threat.n_steps
     try:
@@ -301,6 +303,7 @@ def probe(self:AutoSpeed, x:Tensor, y:Tensor)->dict:
     finally:
         _set(adv, threat=threat, dtype=dtype0, precision_check=check0, step=None, _views={})
         if dist is not None: dist.stats, dist._view = stats, None
+        if state is not None: vars(dist.state).update(state)
         saved.restore()
     return dict(choice=dict(channels_last=choice[0], attack_dtype=dtype_name(choice[1])), source='probe' if est else 'only candidate',
                 step_s={_name(c): round(v, 5) for c, v in est.items()}, probe_s=round(time.perf_counter() - t0, 3), check=check,
