@@ -29,7 +29,7 @@ VARIANT_FILES = ('config.json', 'checkpoint.pt', 'history.csv', 'student.pt', 'r
 RUN_FILES = tuple(dict.fromkeys(f for fs in (*COMMAND_FILES.values(), TEACHER_FILES, VARIANT_FILES) for f in fs))
 SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.pt', 'result.json')
 LOCK_FILE, MANIFEST_FILE = '.igdmfast.lock', '.igdmfast.files.json'
-SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_sha256', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
+SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_sha256', 'nat_teacher', 'nat_teacher_sha256', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
                   'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n', 'keep', 'keep_every', 'holdout',
                   'channels_last')
@@ -177,7 +177,9 @@ class RunFolder:
         "The settings a resume must repeat that differ, each as 'name: old there, new now'."
         keys = SAME_ON_RESUME + CACHED_EVAL.get(cfg.get('command'), ())
         def say(k):
-            if k == 'teacher_sha256': return f"the teacher file: sha256 {str(old[k])[:12]}… there, {str(cfg[k])[:12]}… now (other bytes)"
+            if k.endswith('teacher_sha256'):
+                who = 'the natural teacher file' if k.startswith('nat_') else 'the teacher file'
+                return f"{who}: sha256 {str(old[k])[:12]}… there, {str(cfg[k])[:12]}… now (other bytes)"
             return f"{k}: {old[k]!r} there, {cfg[k]!r} now"
         return [say(k) for k in keys if k in cfg and k in old and old[k] != cfg[k]]
 
@@ -186,7 +188,8 @@ class RunFolder:
         cached = [k for k in CACHED_EVAL.get(cfg.get('command'), ()) if any(d.startswith(f'{k}:') for d in diff)]
         why = (f"; its finished variants were evaluated with the {'/'.join('--' + k.replace('_', '-') for k in cached)} there, "
                "and a resume reuses those results" if cached else "")
-        teacher = ", give the teacher file it was distilled from" if any(d.startswith('the teacher file') for d in diff) else ""
+        files = [w for w in ('the teacher file', 'the natural teacher file') if any(d.startswith(w) for d in diff)]
+        teacher = f", give the {'teacher file' if files == ['the teacher file'] else 'teacher files'} it was distilled from" if files else ""
         raise CLIError(f"--resume: {self.out} holds a run with other settings ({'; '.join(diff)}){why}: repeat its options{teacher}, "
                        "or pass --force to start over.")
 

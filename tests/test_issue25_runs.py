@@ -206,3 +206,23 @@ def test_every_file_of_a_run_has_the_same_mode(nest):
     um = os.umask(0); os.umask(um)
     modes = {str(p.relative_to(nest)): stat.S_IMODE(p.stat().st_mode) for p in nest.rglob('*') if p.is_file() and p.name != LOCK_FILE}
     assert set(modes.values()) == {0o666 & ~um}, modes   # metrics.json, config.json, teacher.pt were 0600
+
+
+def test_resume_refuses_another_natural_teacher_file_at_the_same_path(tmp_path, monkeypatch, capsys):
+    "MTARD's second teacher is held to the same rule as the first: its sha256 in config.json, other bytes refused on --resume."
+    t, nat, out = teacher(tmp_path/'robust.pt'), teacher(tmp_path/'natural.pt'), tmp_path/'m1'
+    argv = ['train', *F, '--method', 'mtard', '--no-igdm', '--teacher', str(t), '--nat-teacher', str(nat), '--out', str(out)]
+    assert run_main(argv, monkeypatch, tmp_path) == 0, capsys.readouterr().err
+    cfg = json.loads((out/'config.json').read_text())
+    assert len(cfg['nat_teacher_sha256']) == 64
+    before = listing(out)
+    import torch, timm
+    from igdmfast.models import save_weights
+    torch.manual_seed(1)   # the same architecture, other weights: other bytes at the same path
+    save_weights(timm.create_model('small_cnn', num_classes=10, in_chans=1, width=4), nat, arch='small_cnn')
+    capsys.readouterr()
+    assert run_main(argv + ['--resume'], monkeypatch, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert (f"the natural teacher file: sha256 {cfg['nat_teacher_sha256'][:12]}" in err
+            and 'give the teacher files it was distilled from' in err and 'the teacher file: sha256' not in err), err
+    assert listing(out) == before
