@@ -261,7 +261,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     alpha:float|None=None, # IGDM's α (default: the paper's table for this dataset and student)
                     threat:ThreatModel|None=None, # the training perturbation (default: Linf 8/255, step 2/255, 10 steps)
                     loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
-                    inner:str|None=None, # None: the method's own inner maximization; 'student_ce': PGD-CE on the student alone (no teacher in the attack; see `INNERS`)
+                    inner:str|None=None, # None: the method's own inner maximization; 'student_ce': PGD-CE on the student alone (`INNERS`)
                     igdm_bn:str='update', # BatchNorm in IGDM's student forwards: 'update' (the official code), 'keep', 'eval' or 'recalibrate' (`IGDM_BN`)
                     protocol:str='fastai', # 'fastai' (Adam, lr 3e-3, 10 epochs) or 'paper' (SGD 0.9, lr 0.1, coupled wd 5e-4, step decay, 200 epochs)
                     epochs:int|None=None, # default epoch count of `fit`/`fit_one_cycle` (default: the protocol's)
@@ -270,9 +270,9 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     fold_bn:bool=True, # run eval-mode conv→BatchNorm pairs (attack, teacher) as one convolution
                     bf16:bool=False, # bfloat16 autocast for the student's outer forwards and backward (attack and teacher in fp32)
                     compile:bool=False, # `torch.compile` the student (in place) and the view the attack runs
-                    attack_dtype='auto', # the inner maximization's precision: 'auto' (measured at the first long fit: `AutoSpeed`), None/'fp32', 'bf16' or 'fp16'; checked against float32 at each fit's first batch
-                    channels_last='auto', # store student and teacher weights channels-last (NHWC): 'auto' (measured at the first long fit: `AutoSpeed`), True or False
-                    nat_teacher:nn.Module|str|None=None, # MTARD's second teacher, trained on clean images: a module or a checkpoint path (required by 'mtard', refused by the others)
+                    attack_dtype='auto', # the inner maximization's precision: 'auto' (measured: `AutoSpeed`), None/'fp32', 'bf16' or 'fp16' (checked against fp32)
+                    channels_last='auto', # student and teacher weights channels-last (NHWC): 'auto' (measured at the first long fit: `AutoSpeed`), True or False
+                    nat_teacher:nn.Module|str|None=None, # MTARD's second teacher, trained on clean images: a module or checkpoint path (only and always for 'mtard')
                     **learner_kwargs:Any, # anything else for fastai's `Learner` (cbs, path, lr, wd, opt_func, ...)
                    )->AdvLearner:
     "A fastai `Learner` that distills `teacher` into `student` with `method`, plus IGDM when `igdm`."

@@ -136,7 +136,7 @@ class Method:
     outer: Callable # (DistillBatch, **loss_kwargs) -> scalar loss, from `igdmfast.losses`
     random_start: str = 'uniform' # start of the inner maximization: 'uniform' (CE-type) or 'normal' (KL-type)
     attack_mode: str = 'eval' # the student's mode during the attack, as the official code has it
-    needs: Callable = _no_needs # (loss_kwargs, epoch) -> subset of {'s_nat', 't_nat', 't_adv'} the outer loss reads (`from_loss`: the loss's own declaration)
+    needs: Callable = _no_needs # (loss_kwargs, epoch) -> the subset of {'s_nat', 't_nat', 't_adv'} the outer loss reads (`from_loss`: its own)
     teacher_before_attack: bool = False # the inner maximization needs T(x) (RSLAD)
     teacher_in_attack: bool = False # the inner maximization back-propagates through the teacher (AdaAD)
     uses_teacher: bool = True # whether the base method needs a teacher at all (PGD-AT and TRADES do not)
