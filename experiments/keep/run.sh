@@ -11,7 +11,8 @@ FROZEN=/tmp/igdmfast-frozen-keep-$COMMIT
 if [ ! -f "$FROZEN/igdmfast/__init__.py" ]; then mkdir -p "$FROZEN"; git archive $COMMIT igdmfast | tar -x -C "$FROZEN"; fi
 export PYTHONPATH=$FROZEN MPLBACKEND=Agg OMP_NUM_THREADS=1
 PY=${PY:-/work/main/.venv/bin/python}
-got=$(cd / && "$PY" -c 'import igdmfast; print(igdmfast.__file__)')
+IGDMFAST=${IGDMFAST:-/work/main/.venv/bin/igdmfast}   # the console script: `python -m` would put the working tree first on sys.path
+got=$(cd / && "$PY" -c 'import igdmfast; print(igdmfast.__file__)')   # the console script and weights.py do not put the working tree on sys.path
 [ "$got" = "$FROZEN/igdmfast/__init__.py" ] || { echo "FAIL: igdmfast imports from $got, not $FROZEN"; exit 1; }
 OUT=experiments/keep/runs
 T=experiments/convergent/grid/teacher/teacher.pt
@@ -19,11 +20,11 @@ run() { local log=$1; shift; if [ "${DRY:-0}" = 1 ]; then echo "$*"; else "$@" >
 mkdir -p $OUT
 for s in ${SEEDS:-0 1}; do
   r=$OUT/ard_s$s
-  [ -f $r/metrics.json ] || run $r.log "$PY" -m igdmfast.cli train --data digits --eps 64 --steps 10 --bs 128 --student tiny_mobilenet_cifar \
+  [ -f $r/metrics.json ] || run $r.log "$IGDMFAST" train --data digits --eps 64 --steps 10 --bs 128 --student tiny_mobilenet_cifar \
       --teacher $T --epochs 160 --method ard --no-igdm --seed $s --n-aa 0 --keep swa --holdout 0.1 --keep-every 1 --resume --out $r
   [ -f $r/weights/weights.json ] || run $r.weights.log "$PY" experiments/keep/weights.py $r
   for w in last best swa_adv swa_clean; do
-    [ -f ${r}_aa/$w/metrics.json ] || run ${r}_aa.$w.log "$PY" -m igdmfast.cli eval $r/weights/$w.pt --data digits --eps 64 \
+    [ -f ${r}_aa/$w/metrics.json ] || run ${r}_aa.$w.log "$IGDMFAST" eval $r/weights/$w.pt --data digits --eps 64 \
         --attacks aa --seed 0 --out ${r}_aa/$w
   done
 done

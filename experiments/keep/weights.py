@@ -47,6 +47,7 @@ def swa_student(cfg, dls, ck, on:str):
     return model.eval()
 
 def main(run:str):
+    import igdmfast; print(f"igdmfast from {igdmfast.__file__}")
     run = Path(run)
     cfg = json.loads((run/'config.json').read_text())
     if cfg.get('keep') != 'swa' or not cfg.get('holdout'): sys.exit(f"{run}: not a --keep swa run with a hold-out.")
