@@ -29,7 +29,8 @@ SAVED_WORK = ('checkpoint.pt', 'teacher_checkpoint.pt', 'teacher.pt', 'student.p
 LOCK_FILE, MANIFEST_FILE = '.igdmfast.lock', '.igdmfast.files.json'
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_sha256', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
-                  'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n', 'keep', 'keep_every', 'holdout')
+                  'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n', 'keep', 'keep_every', 'holdout',
+                  'swa_start', 'ema_decay', 'bn_on')
 CACHED_EVAL = dict(compare=('n_aa', 'n_curve'))   # evaluation settings of the results a resumed command reuses (`result.json`)
 
 def write_json(path, # the file to write (its folder is created)
