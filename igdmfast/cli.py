@@ -11,7 +11,7 @@ from fastcore.basics import AttrDict
 from fastcore.meta import delegates
 from .core import seed_everything
 from .options import (CLIError, aa_note, check_model_name, check_seed, cpu_threads, is_main, n_processes, parse_device,
-                              parse_keep, parse_precision, parse_seeds, parse_threat)
+                              parse_averaging, parse_keep, parse_precision, parse_seeds, parse_threat)
 from .runfolder import RunFolder, run_config, write_json
 from .runs import (check_models, check_nat_teacher, check_training, load_nat_teacher_arg, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
                            probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir, speed_notes, recorded_speed)
@@ -90,7 +90,7 @@ def _print_table(results, aligned={}):
     print('\n' + markdown_table(rows, _table_columns(rows), first='model'), end='')
 
 def _holdout(dls, kept:dict, seed:int)->tuple:
-    "`(dls, held-out loader)`: with `--keep best|swa`, the seeded class-stratified hold-out carved from the training images (else `(dls, None)`)."
+    "`(dls, held-out loader)`: with `--keep best|swa|ema`, the seeded class-stratified hold-out carved from the training images (else `(dls, None)`)."
     if kept['holdout'] is None: return dls, None
     from igdmfast.callback.averaging import holdout_split
     try: return holdout_split(dls, n=kept['holdout'], seed=seed)
@@ -98,8 +98,8 @@ def _holdout(dls, kept:dict, seed:int)->tuple:
 
 def _kept_names(s_name:str, kept:dict, epochs:int)->tuple:
     "The report's names of the kept weights (the student, as student.pt holds it) and of the last epoch's (epochs from 0, as history.csv)."
-    what = (f"best robust epoch {kept['epoch']}" if kept['keep'] == 'best' else
-            f"SWA of epochs {kept['start_epoch']}–{epochs - 1}")
+    from igdmfast.callback.averaging import describe_kept
+    what = describe_kept(kept, epochs)
     base = s_name[len('student ('):-1]
     return f"student ({base}; kept: {what})", f"last epoch ({base}; epoch {epochs - 1}, not kept)"
 
@@ -117,8 +117,10 @@ def _kept_note(kept:dict, held, o)->str:
         what = (f"the epoch with the highest PGD-{kept['holdout_attack'][3:]} accuracy on {n}, measured every {o.keep_every} epoch(s) "
                 f"and after the last: epoch {kept['epoch']} (from 0, as in history.csv; {100 * kept['holdout_acc']:.1f}% there)")
     else:
-        what = (f"the SWA average of epochs {kept['start_epoch']}–{o.epochs - 1} ({kept['n_averaged']} epoch{'s' * (kept['n_averaged'] != 1)}), BatchNorm recomputed on "
-                f"{'the method' + chr(39) + 's x′' if kept['bn_on'] == 'adv' else 'clean images'}"
+        unit = 'epoch' if kept['keep'] == 'swa' else 'step'
+        what = (f"the {'SWA average' if kept['keep'] == 'swa' else 'exponential moving average (decay ' + format(kept['ema_decay'], 'g') + ', every step)'} "
+                f"of epochs {kept['start_epoch']}–{o.epochs - 1} ({kept['n_averaged']} {unit}{'s' * (kept['n_averaged'] != 1)}), BatchNorm recomputed on "
+                f"{'the method' + chr(39) + 's x′' if kept['bn_on'] == 'adv' else 'clean images'} (--bn-on {kept['bn_on']})"
                 + (f"; the robust-validation curve is on {n}" if n else ''))
     return (f" --keep {kept['keep']}: student.pt (the 'student' row) holds {what}. The 'last epoch' row is the last epoch's weights, "
             "evaluated the same way on the same images.")
@@ -129,9 +131,12 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
           igdm:bool=True, # add the IGDM term
           alpha:float|None=None, # IGDM's alpha (default: the paper's table)
           out:str='runs/train', # run folder
-          keep:str='last', # the weights student.pt holds: 'last' (the last epoch's, as the paper), 'best' (the most robust epoch on held-out training images) or 'swa' (averaged); the report shows the last epoch's beside them
-          keep_every:int=1, # with --keep best/swa: measure the robust accuracy (PGD-10) on the held-out images every this many epochs (and after the last)
-          holdout:float=0.1, # with --keep best/swa: training images held out (never trained on) for that measurement, a count or a fraction; 0 with swa: none
+          keep:str='last', # the weights student.pt holds: 'last' (the last epoch's, as the paper), 'best' (the most robust epoch on held-out training images), 'swa' or 'ema' (averaged); the report shows the last epoch's beside them
+          keep_every:int=1, # with --keep best/swa/ema: measure the robust accuracy (PGD-10) on the held-out images every this many epochs (and after the last)
+          holdout:float=0.1, # with --keep best/swa/ema: training images held out (never trained on) for that measurement, a count or a fraction; 0 with swa/ema: none
+          swa_start:str|None=None, # with --keep swa: the first averaged epoch, an epoch (e.g. 120, from 0) or a fraction of --epochs (e.g. 0.75, the default)
+          ema_decay:float|None=None, # with --keep ema: the old average's weight at each step, in [0, 1) (default 0.999)
+          bn_on:str|None=None, # with --keep swa/ema: recompute the average's BatchNorm statistics on 'clean' images or the method's 'adv' x′ (default: experiments/keep's choice)
           **kwargs)->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from igdmfast.methods import get_method
@@ -141,6 +146,7 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
     o = _options(train, locals())
     sched, prec = check_training(o)
     kept = parse_keep(keep, keep_every, holdout)
+    kept.update(parse_averaging(keep, swa_start, ema_decay, bn_on, o.epochs))
     get_method(method)   # fail fast, before any training
     t_file, nt_file = check_models(o), check_nat_teacher(o, [method], igdm)
     threat, dev = parse_threat(o.eps, o.step, o.steps), parse_device(o.device)
@@ -151,7 +157,7 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
         probe_models(o, dls)   # a student that cannot take these images is refused before the teacher trains
         nat = load_nat_teacher_arg(o.nat_teacher, o.student, dls)   # MTARD's second teacher, its classes checked
         cfg = run_settings(o, 'train', dev, sched, **file_sha256(t_file), holdout=len(held.dataset) if held is not None else None,
-                           **{f'nat_{k}': v for k, v in file_sha256(nt_file).items()})
+                           bn_on=kept.get('bn_on'), ema_decay=kept.get('ema_decay'), **{f'nat_{k}': v for k, v in file_sha256(nt_file).items()})
         out = rf.claim(cfg)
         t_model, teacher_s = (t_model, 0.) if t_model is not None else \
             train_teacher(o.teacher_arch, 'pgd_at', dls, threat, o.epochs, o.lr, out, o.resume, o.seed, prec, sched)

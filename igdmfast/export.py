@@ -14,8 +14,8 @@ from .stats import binomial_ci
 # %% auto #0
 __all__ = ['EXPORT_FILES', 'ONNX_TOL', 'EXPORT_EXTRA', 'ExportError', 'run_state', 'check_exportable', 'run_model',
            'normalization_inside', 'timm_config', 'load_student', 'need_onnx', 'onnx_bytes', 'check_onnx',
-           'model_entry', 'robustness_rows', 'aa_status', 'robustbench_info', 'card_data', 'model_card',
-           'export_student']
+           'model_entry', 'robustness_rows', 'aa_status', 'robustbench_info', 'card_data', 'model_card', 'kept_weights',
+           'last_epoch_rows', 'export_student']
 
 # %% ../nbs/15_export.ipynb #3940f736
 EXPORT_FILES = ('config.json', 'model.safetensors', 'README.md', 'robustbench.json', 'model.onnx')
@@ -245,6 +245,7 @@ def robustbench_info(rows:list, # `robustness_rows` of the exported model ([] wh
                      architecture:str, # the timm architecture
                      name:str, # the model's name
                      unfinished:str|None=None, # why the run is unfinished (None: finished)
+                     kept:str|None=None, # which weights these are (`kept_weights`), said in the footnote
                     )->dict:
     "RobustBench's `model_info` fields, from the run's numbers: AutoAttack only when it ran on the full test set, else null."
     by = {r['key']: r for r in rows}
@@ -253,6 +254,7 @@ def robustbench_info(rows:list, # `robustness_rows` of the exported model ([] wh
     if cfg.get('command') == 'train':
         notes.append(f"Distilled by igdmfast with {_method(cfg)} from the teacher {teacher if teacher != 'auto' else cfg.get('teacher_arch') + ' (PGD-AT, trained by the run)'}.")
     if unfinished: notes.append(f"Unfinished run: {unfinished}.")
+    elif kept: notes.append(f"Weights: {kept}.")
     if 'clean' in by and cfg.get('n_valid') is not None:
         notes.append(f"Clean accuracy on a seeded class-stratified subset of {by['clean']['n']} test images (--n-valid {cfg['n_valid']}).")
     if aa['ran'] and not aa['full']:
@@ -323,6 +325,7 @@ def _training_lines(cfg:dict, state:dict)->list:
     sub = lambda k, what: f"a seeded class-stratified subset of {cfg[k]} {what}" if cfg.get(k) is not None else f"all {what}"
     step = cfg.get('step') if cfg.get('step') is not None else cfg.get('eps', 8) / 4
     rows = [('Architecture', f"`{state['arch']}`"), ('Method', _method(cfg))]
+    if state['command'] == 'train' and (kept := kept_weights(state)): rows.append(('Weights', kept))
     if state['command'] == 'train':
         rows += [('Teacher', teacher), ("IGDM's BatchNorm (`igdm_bn`)", cfg.get('igdm_bn')),
                  ('Inner maximization', cfg.get('inner') or "the method's own")]
@@ -343,6 +346,7 @@ def model_card(state:dict, # `run_state`'s result
                teacher_rows:list|None=None, # `robustness_rows` of the teacher on the same images
                provenance:dict|None=None, # versions and commits
                warns:list|None=None, # the evaluation's warnings (`metrics.json`)
+               last_rows:list|None=None, # `last_epoch_rows`: the last epoch's weights, when the run kept others
               )->str:
     "The README.md model card: YAML front matter, the robustness table from `metrics.json`, training, loading, ONNX, provenance."
     from huggingface_hub import ModelCard
@@ -367,6 +371,8 @@ def model_card(state:dict, # `run_state`'s result
         L += _table(rows) + ['']
         L += ["The interval is the 95% Wilson score interval of the count of correct images: the evaluation's own binomial "
               "noise. A difference between two models smaller than these half-widths is within that noise.", '']
+        if last_rows: L += [f"The weights exported: {kept_weights(state)}. The last epoch's weights (epoch {state['epochs'] - 1}, not "
+                            "exported), measured the same way on the same images:", ''] + _table(last_rows) + ['']
         if teacher_rows: L += [f"The teacher on the same images:", ''] + _table(teacher_rows) + ['']
         L += ['Evaluation warnings: ' + ('; '.join(warns) if warns else 'none (no sign of gradient masking in these numbers).'), '']
     else: L += ['No robustness was measured: the run has no `metrics.json`.', '']
@@ -433,6 +439,24 @@ def _describe_args(model)->dict:
     from igdmfast.models import _describe
     return _describe(model)['model_kwargs']
 
+def kept_weights(state:dict, # `run_state`'s result
+                )->str|None:
+    "Which weights the export holds, in words ('SWA of epochs 120–159, BatchNorm recomputed on clean images'); None for a teacher run."
+    from igdmfast.callback.averaging import describe_kept
+    if state['command'] != 'train': return None
+    if not state['finished']: return f"the last saved epoch ({state['done'] - 1}) of an unfinished run" if state['done'] else None
+    kept = ((state['metrics'] or {}).get('extra') or {}).get('kept')
+    held = f"; {kept['holdout']} training images held out, never trained on, for the PGD-10 " + ('selection' if kept['keep'] == 'best' else 'curve') \
+           if kept and kept.get('holdout') else ''
+    return describe_kept(kept, state['epochs']) + (f" (`--keep {kept['keep']}`{held})" if kept else " (`--keep last`, as the paper)")
+
+def last_epoch_rows(state:dict, # `run_state`'s result
+                   )->list|None:
+    "`robustness_rows` of the last epoch's weights when the run kept others (`--keep best|swa|ema`) and measured both; else None."
+    models = ((state['metrics'] or {}).get('models') or {})
+    last = [m for m in models if m.startswith('last epoch')]
+    return robustness_rows(models[last[0]], state['cfg']) if state['command'] == 'train' and len(last) == 1 else None
+
 def _numbers(state:dict)->tuple:
     "`(rows, teacher rows, warnings)` of the exported model in the run's `metrics.json` (empty when it has none)."
     metrics, cfg = state['metrics'], state['cfg']
@@ -491,10 +515,11 @@ def export_student(run, # the run folder (`--out` of `igdmfast train`, or of `ig
         rows, t_rows, warns = _numbers(state)
         unfinished = None if state['finished'] else _unfinished(state)
         conf = timm_config(model, size, vocab, run=str(run.resolve()), weights=state['weights'].name, finished=state['finished'],
-                           unfinished=unfinished, onnx=check, provenance=prov, sha256={'model.safetensors': hashlib.sha256(st).hexdigest()})
+                           unfinished=unfinished, onnx=check, provenance=prov, kept=kept_weights(state), sha256={'model.safetensors': hashlib.sha256(st).hexdigest()})
         files = {'model.safetensors': st, **({'model.onnx': ob} if onnx else {})}
-        card = model_card(dict(state, input_size=size, model_args=_describe_args(model)), rows, name, files, check, t_rows, prov, warns)
-        rb = robustbench_info(rows, cfg, state['arch'], name, unfinished)
+        card = model_card(dict(state, input_size=size, model_args=_describe_args(model)), rows, name, files, check, t_rows, prov, warns,
+                          last_epoch_rows(state))
+        rb = robustbench_info(rows, cfg, state['arch'], name, unfinished, kept_weights(state))
         out = rf.claim(dict(conf, command='export'))   # config.json: timm's config, which also marks the folder as an export
         for f, b in [*files.items(), ('README.md', card.encode()), ('robustbench.json', (json.dumps(rb, indent=2) + '\n').encode())]:
             atomic_write(out/f, lambda fh, b=b: fh.write(b))

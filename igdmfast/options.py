@@ -10,7 +10,7 @@ import torch
 # %% auto #0
 __all__ = ['MAX_SEED', 'KEEP_CHOICES', 'CLIError', 'n_processes', 'is_main', 'parse_device', 'check_numbers', 'parse_threat',
            'parse_schedule', 'parse_precision', 'check_seed', 'parse_seeds', 'check_model_name', 'check_inner_arg',
-           'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note', 'parse_keep']
+           'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note', 'parse_keep', 'parse_averaging']
 
 # %% ../nbs/14a_options.ipynb #fc429356
 class CLIError(Exception):
@@ -187,11 +187,11 @@ def aa_note(n_aa:int, # `--n-aa`
             f"AutoAttack (standard) on all {n} validation images" + (f" (--n-aa {n_aa} asked for more)" if n_aa > n else ""))
 
 # %% ../nbs/14a_options.ipynb #89848b22
-KEEP_CHOICES = ('last', 'best', 'swa')   # `--keep`: the weights a `train` run's student.pt holds
+KEEP_CHOICES = ('last', 'best', 'swa', 'ema')   # `--keep`: the weights a `train` run's student.pt holds
 
-def parse_keep(keep:str='last', # `--keep`: 'last' (the last epoch's weights, as the paper), 'best' (the most robust epoch on held-out training images) or 'swa'
+def parse_keep(keep:str='last', # `--keep`: 'last' (the last epoch's weights, as the paper), 'best' (the most robust epoch on held-out training images), 'swa' or 'ema'
                keep_every:int=1, # `--keep-every`: measure the held-out robust accuracy every this many epochs (and after the last)
-               holdout:float=0.1, # `--holdout`: held-out training images, a count (e.g. 500) or a fraction in (0, 1); 0 with 'swa': none
+               holdout:float=0.1, # `--holdout`: held-out training images, a count (e.g. 500) or a fraction in (0, 1); 0 with 'swa'/'ema': none
               )->dict:
     "`--keep` and its options, checked: `dict(keep, every, holdout)` with `holdout` an int count, a float fraction or None (no hold-out)."
     if keep not in KEEP_CHOICES: raise CLIError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}.")
@@ -203,4 +203,50 @@ def parse_keep(keep:str='last', # `--keep`: 'last' (the last epoch's weights, as
     if n is None and keep == 'best':
         raise CLIError("--keep best chooses the epoch on held-out training images: give --holdout a count or a fraction (e.g. 0.1), not 0.")
     return dict(keep=keep, every=keep_every, holdout=n if keep != 'last' else None)
+
+
+# %% ../nbs/14a_options.ipynb #f957ace3
+def _start(swa_start:str, epochs:int)->int|float:
+    "`--swa-start` as an epoch (an integer such as 120) or a fraction of the fit (a number in [0, 1) such as 0.75), checked."
+    s = str(swa_start).strip()
+    try: v = int(s) if s.lstrip('+-').isdigit() else float(s)
+    except ValueError: v = None
+    if v is None or isinstance(v, float) and not math.isfinite(v):
+        raise CLIError(f"--swa-start takes an epoch (an integer, e.g. 120) or a fraction of --epochs in [0, 1) (e.g. 0.75), got {swa_start!r}.")
+    if isinstance(v, float) and v >= 1:
+        raise CLIError(f"--swa-start {s}: a number with a point is a fraction of --epochs, in [0, 1); for an epoch write an integer"
+                       + (f" (--swa-start {int(v)})." if v == int(v) else "."))
+    if v < 0: raise CLIError(f"--swa-start must be an epoch >= 0 or a fraction in [0, 1), got {s}.")
+    e = int(v * epochs) if isinstance(v, float) else v
+    if e >= epochs: raise CLIError(f"--swa-start {s} is epoch {e} (from 0), but this fit has {epochs} epochs (0..{epochs - 1}): nothing "
+                                   "would be averaged. Start earlier (e.g. --swa-start 0.75), or train longer.")
+    return v
+
+def parse_averaging(keep:str, # `--keep` (after `parse_keep`)
+                    swa_start:str|None=None, # `--swa-start`: SWA's first averaged epoch (0-based) or a fraction of --epochs (None: 0.75)
+                    ema_decay:float|None=None, # `--ema-decay`: EMA's weight of the old average at each step, in [0, 1) (None: 0.999)
+                    bn_on:str|None=None, # `--bn-on`: recompute BatchNorm's statistics of the average on 'clean' x or the method's 'adv' x′ (None: the default)
+                    epochs:int=1, # `--epochs`: the fit the start must lie in
+                   )->dict:
+    "The averaging options of `--keep swa|ema`, checked: `dict(start, ema_decay, bn_on)` as `WeightAveraging` takes them ({} for last/best)."
+    from igdmfast.callback.averaging import AVERAGING, DEFAULT_BN_ON, RECALIBRATE_ON
+    given = [f for f, v in (('--swa-start', swa_start), ('--ema-decay', ema_decay), ('--bn-on', bn_on)) if v is not None]
+    if keep not in AVERAGING:
+        if given: raise CLIError(f"{' and '.join(given)} set{'s' * (len(given) == 1)} the weight averaging of --keep swa or ema, "
+                                 f"but --keep is {keep!r}: add --keep swa (or ema), or leave {'it' if len(given) == 1 else 'them'} out.")
+        return {}
+    if swa_start is not None and keep != 'swa':
+        raise CLIError("--swa-start is where SWA starts; --keep ema averages every step from the first epoch, weighted by --ema-decay: "
+                       "leave --swa-start out, or use --keep swa.")
+    if ema_decay is not None and keep != 'ema':
+        raise CLIError("--ema-decay weighs the exponential average of --keep ema; --keep swa averages its epochs equally: "
+                       "leave --ema-decay out, or use --keep ema.")
+    if ema_decay is not None and not (math.isfinite(ema_decay) and 0 <= ema_decay < 1):
+        raise CLIError(f"--ema-decay must be in [0, 1) (the old average's weight at each step, e.g. 0.999), got {ema_decay!r}.")
+    if bn_on is not None and bn_on not in RECALIBRATE_ON:
+        raise CLIError(f"--bn-on must be one of {', '.join(RECALIBRATE_ON)} (BatchNorm's statistics of the average recomputed on "
+                       f"clean images or on the method's x′), got {bn_on!r}.")
+    out = dict(start=_start(swa_start, epochs) if swa_start is not None else None, bn_on=bn_on or DEFAULT_BN_ON)
+    if keep == 'ema': out['ema_decay'] = 0.999 if ema_decay is None else float(ema_decay)
+    return out
 

@@ -32,7 +32,7 @@ LOCK_FILE, MANIFEST_FILE = '.igdmfast.lock', '.igdmfast.files.json'
 SAME_ON_RESUME = ('command', 'data', 'teacher', 'teacher_sha256', 'nat_teacher', 'nat_teacher_sha256', 'teacher_arch', 'teacher_method', 'arch', 'student', 'method', 'methods',
                   'igdm', 'alpha', 'epochs', 'bs', 'lr', 'protocol', 'milestones', 'eps', 'step', 'steps', 'n_train', 'n_valid', 'seed',
                   'seeds', 'bf16', 'attack_dtype', 'inner', 'igdm_bn', 'model', 'attacks', 'n', 'keep', 'keep_every', 'holdout',
-                  'channels_last')
+                  'channels_last', 'swa_start', 'ema_decay', 'bn_on')
 RECORDED = ('speed',)   # what a run records in its config.json while it runs (`AutoSpeed`'s choice): a resume keeps it
 CACHED_EVAL = dict(compare=('n_aa', 'n_curve'))   # evaluation settings of the results a resumed command reuses (`result.json`)
 

@@ -152,19 +152,20 @@ def _keeps(learn)->bool:
     from igdmfast.callback.averaging import BestRobust, WeightAveraging
     return any(isinstance(cb, (BestRobust, WeightAveraging)) for cb in learn.cbs)
 
-def keep_callbacks(keep:dict|None, # `options.parse_keep`'s result (None: 'last')
+def keep_callbacks(keep:dict|None, # `options.parse_keep`'s result, with `parse_averaging`'s for swa/ema (None: 'last')
                    holdout=None, # the held-out loader of `callback.averaging.holdout_split` (None: no robust-validation column)
-                   seed:int=0, # the run's seed: the attack's random starts, the BatchNorm pass of SWA
+                   seed:int=0, # the run's seed: the attack's random starts, the BatchNorm pass of SWA/EMA
                   )->list:
     "The callbacks of `--keep`: each leaves the last epoch's weights in the model at the end of the fit; `load_kept` then loads the kept ones."
     from igdmfast.callback.averaging import BestRobust, WeightAveraging
     k = (keep or {}).get('keep', 'last')
     if k == 'last': return []
     log = [BestRobust(holdout, every=keep['every'], seed=seed, load_best=False)] if holdout is not None else []
-    return log + ([WeightAveraging('swa', at_end=False, bn_seed=seed)] if k == 'swa' else [])
+    avg = {n: keep[n] for n in ('start', 'ema_decay', 'bn_on') if keep.get(n) is not None}   # `options.parse_averaging`'s, when given
+    return log + ([WeightAveraging(k, at_end=False, bn_seed=seed, **avg)] if k in ('swa', 'ema') else [])
 
 def load_kept(learn, # a learner fitted with `keep_callbacks`
-              keep:str, # 'best' or 'swa'
+              keep:str, # 'best', 'swa' or 'ema'
              )->dict:
     "Put the weights `keep` names into `learn.model` (the fit left the last epoch's there); what they are, for the report and student.pt."
     from igdmfast.core import unwrap
@@ -173,9 +174,10 @@ def load_kept(learn, # a learner fitted with `keep_callbacks`
         if br.best_state is None: raise ValueError("--keep best: no epoch's robust accuracy on the held-out images was measured.")
         unwrap(learn.model).load_state_dict(br.best_state)
         return dict(keep='best', epoch=br.best_epoch, holdout_acc=br.best, holdout_attack=f'pgd{br.n_steps}')
-    swa = learn.swa
-    swa.load_average()
-    return dict(keep='swa', start_epoch=swa.start_epoch, n_averaged=swa.n_averaged, bn_on=swa.bn_on)
+    avg = getattr(learn, keep)   # the `WeightAveraging` callback, `learn.swa` or `learn.ema`
+    avg.load_average()
+    return dict(keep=keep, start_epoch=avg.start_epoch, n_averaged=avg.n_averaged, bn_on=avg.bn_on,
+                **({'ema_decay': avg.ema_decay} if keep == 'ema' else {}))
 
 def learner_kwargs(prec, # `parse_precision`'s result (anything else: the defaults)
                    lr:float|None=None, # `--lr` (None: the protocol's)

@@ -23,7 +23,8 @@ from .adversarial import RECALIBRATE_ON, recalibrate_bn
 from .checkpoint import _not_a_fit
 
 # %% auto #0
-__all__ = ['AVERAGING', 'DEFAULT_START', 'KEEP', 'holdout_split', 'BestRobust', 'averaging_start', 'WeightAveraging', 'keep_cbs']
+__all__ = ['AVERAGING', 'DEFAULT_START', 'DEFAULT_BN_ON', 'KEEP', 'holdout_split', 'BestRobust', 'averaging_start',
+           'WeightAveraging', 'keep_cbs', 'describe_kept']
 
 # %% ../../nbs/16_callback.averaging.ipynb #3fee0595
 def _holdout_count(n, total:int)->int:
@@ -154,6 +155,7 @@ class BestRobust(Callback):
 # %% ../../nbs/16_callback.averaging.ipynb #9999df87
 AVERAGING = ('swa', 'ema')   # the kinds of `WeightAveraging`
 DEFAULT_START = dict(swa=0.75, ema=0)   # the first averaged epoch when `start` is None (a fraction of the fit, or an epoch)
+DEFAULT_BN_ON = 'adv'   # what `WeightAveraging` recomputes BatchNorm's statistics on by default (experiments/keep measured both)
 
 def _check_start(start):
     "`start` as an int epoch >= 0 or a float fraction in [0, 1), else a clear error."
@@ -186,7 +188,7 @@ class WeightAveraging(Callback):
                  kind:str='swa', # 'swa': equal average of the end-of-epoch weights; 'ema': exponential average, every step
                  start=None, # first averaged epoch: an int (0-based), a fraction of the fit (float in [0, 1)); None: 0.75 SWA, 0 EMA
                  ema_decay:float=0.999, # EMA only: the weight of the old average at each step
-                 bn_on:str|None='adv', # recompute the BatchNorm statistics at the end on 'adv' (x′), 'clean' (x), or None (keep)
+                 bn_on:str|None=DEFAULT_BN_ON, # recompute the BatchNorm statistics at the end on 'adv' (x′), 'clean' (x), or None (keep)
                  bn_dl=None, # the batches of that pass (default: the training images in order, every one, with their augmentation)
                  bn_seed:int=0, # seed of that pass (loader order and augmentation, attack starts)
                  at_end:bool=True, # put the average into the model at the end of the fit (else call `load_average()`)
@@ -290,3 +292,17 @@ def keep_cbs(keep:str='last', # 'last' (no callback), 'best' (`BestRobust`), 'sw
         return [BestRobust(holdout, **kwargs)]
     log = [] if holdout is None else [BestRobust(holdout, load_best=False)]   # the robust-validation column only
     return log + ([WeightAveraging(keep, **kwargs)] if keep in AVERAGING else [])
+
+# %% ../../nbs/16_callback.averaging.ipynb #d7d058c1
+def describe_kept(kept:dict|None, # what a fit kept (`runs.load_kept`, `metrics.json`'s `extra.kept`); None or {'keep': 'last'}: the last epoch
+                  n_epoch:int, # the fit's number of epochs
+                 )->str:
+    "The kept weights in a few words: 'last epoch 159', 'best epoch 97 by held-out PGD-10', 'SWA of epochs 120–159, BatchNorm on x′', 'EMA (decay 0.999) ...'."
+    k = (kept or {}).get('keep', 'last')
+    if k == 'last': return f"last epoch {n_epoch - 1}"
+    if k == 'best': return f"best epoch {kept['epoch']}" + (f" by held-out {kept['holdout_attack'].upper().replace('PGD', 'PGD-')}" if kept.get('holdout_attack') else '')
+    if k not in AVERAGING: raise ValueError(f"Unknown kept weights {k!r}: one of {', '.join(map(repr, KEEP))}.")
+    bn = {'adv': "BatchNorm recomputed on the method's x′", 'clean': 'BatchNorm recomputed on clean images', None: "BatchNorm of the last epoch"}[kept.get('bn_on')]
+    what = 'SWA' if k == 'swa' else f"EMA (decay {kept['ema_decay']:g})" if kept.get('ema_decay') is not None else 'EMA'
+    return f"{what} of epochs {kept['start_epoch']}–{n_epoch - 1}, {bn}"
+
