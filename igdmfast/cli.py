@@ -45,16 +45,16 @@ def _run_options(data:str='digits', # dataset name (digits, mnist, fashion_mnist
                  force:bool=False, # overwrite a folder that holds another run
                  device:str='auto', # cpu, cuda, cuda:N or auto
                  bf16:bool=False, # bfloat16 autocast for the outer forward and backward of each training step
-                 attack_dtype:str='auto', # the inner maximization's precision: auto (measured at the first fit of 50+ batches: bf16 only where native, faster and checked against fp32), fp32, bf16 or fp16
-                 channels_last:str='auto', # student and teacher weights channels-last (NHWC): auto (measured with --attack-dtype; recorded in config.json, reused by --resume), on or off
+                 attack_dtype:str='auto', # the attack's precision: auto (measured in fits of 50+ batches; bf16 only if native and checked), fp32, bf16, fp16
+                 channels_last:str='auto', # student and teacher weights channels-last (NHWC): auto (measured, recorded in config.json, reused by --resume), on, off
                 ): "The options of every training command (`train`, `teacher`, `compare`)."
 
 @delegates(_run_options)
 def _distill_options(teacher:str='auto', # a teacher checkpoint, a RobustBench name (e.g. Wang2023Better_WRN-28-10 with --data cifar100), or 'auto' to train a robust one with PGD-AT first
                      teacher_arch:str|None=None, # architecture of the teacher: trained by 'auto' (default small_cnn), or of a file that does not record it
-                     teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of RobustBench's layout <dir>/<dataset>/Linf/<name>.pt (default $IGDMFAST_TEACHERS, else models/)
-                     nat_teacher:str|None=None, # MTARD's natural (clean-trained) teacher: a checkpoint file with its architecture (required by --method mtard, refused by the others)
-                     inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone, Table 6's teacher-free recipe)
+                     teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of <dataset>/Linf/<name>.pt ($IGDMFAST_TEACHERS, else models/)
+                     nat_teacher:str|None=None, # MTARD's natural (clean-trained) teacher: a checkpoint file with its architecture (only and always with --method mtard)
+                     inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone: Table 6's recipe)
                      igdm_bn:str='update', # BatchNorm in IGDM's forwards: 'update' (official), 'keep' (better at large eps: tutorial 07), 'eval', 'recalibrate'
                      student:str='tiny_mobilenet_cifar', # any registered or timm model name
                      **kwargs): "The teacher and student options of `train` and `compare`."
@@ -131,12 +131,12 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
           igdm:bool=True, # add the IGDM term
           alpha:float|None=None, # IGDM's alpha (default: the paper's table)
           out:str='runs/train', # run folder
-          keep:str='last', # the weights student.pt holds: 'last' (the last epoch's, as the paper), 'best' (the most robust epoch on held-out training images), 'swa' or 'ema' (averaged); the report shows the last epoch's beside them
-          keep_every:int=1, # with --keep best/swa/ema: measure the robust accuracy (PGD-10) on the held-out images every this many epochs (and after the last)
-          holdout:float=0.1, # with --keep best/swa/ema: training images held out (never trained on) for that measurement, a count or a fraction; 0 with swa/ema: none
-          swa_start:str|None=None, # with --keep swa: the first averaged epoch, an epoch (e.g. 120, from 0) or a fraction of --epochs (e.g. 0.75, the default)
+          keep:str='last', # student.pt's weights: 'last' (as the paper), 'best' (most robust epoch on held-out training images), 'swa' or 'ema'
+          keep_every:int=1, # with --keep best/swa/ema: held-out robust accuracy (PGD-10) every this many epochs (and after the last)
+          holdout:float=0.1, # with --keep best/swa/ema: training images held out for that measurement, a count or a fraction; 0 with swa/ema: none
+          swa_start:str|None=None, # with --keep swa: the first averaged epoch (e.g. 120, counted from 0) or a fraction of --epochs (default 0.75)
           ema_decay:float|None=None, # with --keep ema: the old average's weight at each step, in [0, 1) (default 0.999)
-          bn_on:str|None=None, # with --keep swa/ema: recompute the average's BatchNorm statistics on 'clean' images or the method's 'adv' x′ (default: experiments/keep's choice)
+          bn_on:str|None=None, # with --keep swa/ema: the average's BatchNorm statistics recomputed on 'clean' x or the method's 'adv' x′ (default: adv)
           **kwargs)->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from igdmfast.methods import get_method
@@ -426,7 +426,7 @@ def recalibrate(run:str, # a `train` run folder: its config.json and student.pt 
 def rank(teachers:str|None=None, # comma-separated candidate teachers (at least two): checkpoint files or RobustBench names
          student:str='tiny_mobilenet_cifar', # the student's architecture: the criterion uses the images it cannot learn robustly
          data:str='digits', # dataset name (digits, mnist, fashion_mnist, cifar10, cifar100, svhn, tiny_imagenet), an .npz path or an image folder
-         references:str|None=None, # comma-separated checkpoints of trained reference students (e.g. `igdmfast teacher --arch STUDENT` runs); default: train them here
+         references:str|None=None, # comma-separated checkpoints of trained reference students (`igdmfast teacher --arch STUDENT`); default: train them here
          ref_methods:str='pgd_at,trades', # the teacher-free methods of the reference students trained here
          ref_seeds:str='0', # comma-separated seeds of the reference students trained here (one per method and seed)
          ref_epochs:int=10, # epochs of each reference student trained here
