@@ -28,16 +28,7 @@ EPS, STEP = 0.25, 0.1
 THREAT = ThreatModel(eps=EPS, step_size=STEP, n_steps=K)
 
 
-class Net(nn.Module):
-    "conv-BN-ReLU-conv-BN-ReLU-pool-linear; casts its input to its own dtype (the learner probes it with float32 zeros)."
-    def __init__(self, width, n_classes=C):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.c2, self.b2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, n_classes)
-    def forward(self, x):
-        x = x.to(self.fc.weight.dtype)
-        return self.fc(F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x)))))).mean((2, 3)))
+from test_distill_steps import Net   # the same conv-BN net as the other float64 step tests
 
 def make_student():
     torch.manual_seed(1)
