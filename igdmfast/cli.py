@@ -334,11 +334,15 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
             if resume and (run_dir/'result.json').is_file() and (run_dir/'config.json').is_file():
                 print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
                 r = json.loads((run_dir/'result.json').read_text())
-            else:
+            else:   # the variant's config.json first, so AutoSpeed's choice is recorded in it and a resume reuses that choice
+                vcfg = dict(cfg, method=m, igdm=ig, seed=s)
+                vcfg.update({k: v for k, v in (run_config(run_dir/'config.json') or {}).items() if k in ('speed', 'seconds_per_epoch') and resume})
+                write_json(run_dir/'config.json', vcfg)
                 learn, _ = distill_student(t_model, o.student, run_dls(o, dev), m, ig, alpha, threat, o.epochs, o.lr, run_dir, resume, s, prec, sched, o.inner, o.igdm_bn,
                                             nat_teacher=nat if get_method(m).nat_teacher else None)
                 spe = learn.seconds_per_epoch if learn.seconds_per_epoch is not None else (run_config(run_dir/'config.json') or {}).get('seconds_per_epoch')
-                write_json(run_dir/'config.json', dict(cfg, method=m, igdm=ig, seed=s, alpha_used=learn.alpha, seconds_per_epoch=spe))
+                vcfg = run_config(run_dir/'config.json') or vcfg   # with the 'speed' record AutoSpeed wrote during the fit
+                write_json(run_dir/'config.json', dict(vcfg, alpha_used=learn.alpha, seconds_per_epoch=spe))
                 print(f"Evaluating {m}{' + IGDM' if ig else ''}{f' (seed {s})' if multi else ''}...")
                 r = measured(run_dir, resume, learn.model, dls, threat, o, teacher=t_model)
             rc = json.loads((run_dir/'config.json').read_text())

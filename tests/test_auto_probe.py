@@ -157,3 +157,27 @@ def test_a_run_from_before_autospeed_resumes_with_the_fixed_rule(tmp_path):
     kw = speed_kwargs(learner_kwargs(None), old, 'student', True)
     assert kw['channels_last'] is False and kw['attack_dtype'] == 'fp32'
     assert speed_kwargs(learner_kwargs(None), old, 'student', False)['channels_last'] == 'auto'   # a new run measures
+
+
+def test_a_compare_variant_records_its_choice_and_its_resume_reuses_it(tmp_path):
+    "Each variant of `igdmfast compare` gets AutoSpeed's record in its own config.json; a variant killed mid-fit resumes with it (no probe)."
+    import os, signal, subprocess, sys, time
+    env = dict(os.environ, MPLBACKEND='Agg', IGDMFAST_CACHE=str(tmp_path/'cache'))
+    out = tmp_path/'cmp'
+    args = [sys.executable, '-m', 'igdmfast.cli', 'compare', '--methods', 'ard', '--epochs', '3', '--steps', '1', '--n-train', '400',
+            '--n-valid', '32', '--bs', '16', '--n-aa', '0', '--n-curve', '0', '--device', 'cpu', '--out', str(out)]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    ckpt, deadline = out/'ard'/'checkpoint.pt', time.time() + 600
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline: time.sleep(0.02)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert ckpt.exists() and not (out/'ard'/'result.json').exists(), 'the first variant was not killed mid-fit'
+    before = json.loads((out/'ard'/'config.json').read_text())['speed']['student']
+    assert before['source'] == 'probe' and before['probe_s'] > 0 and set(before['choice']) == {'channels_last', 'attack_dtype'}
+    for f in (tmp_path/'cache').iterdir(): f.unlink()   # no cached choice: a resume that probed again would record another
+    r = subprocess.run(args + ['--resume'], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = {v: json.loads((out/v/'config.json').read_text()) for v in ('ard', 'ard_igdm')}
+    assert cfg['ard']['speed']['student'] == before   # the recorded choice and times, unchanged: the resume did not probe
+    assert cfg['ard']['seconds_per_epoch'] is not None and cfg['ard']['alpha_used'] is None
+    assert cfg['ard_igdm']['speed']['student']['choice'] and cfg['ard_igdm']['igdm'] is True
+    assert len((out/'ard'/'history.csv').read_text().strip().splitlines()) == 1 + 3   # resumed to its 3 epochs, not restarted
