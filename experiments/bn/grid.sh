@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #26: BatchNorm-safe IGDM. The pilot and the PRE-REGISTERED grid of README.md (written before any run of either).
-# Usage (from anywhere): bash experiments/bn/grid.sh [pilot|digits|all]      (default: pilot)
+# Usage (from anywhere): bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size|fashion]   (default: pilot)
 #   pilot:  ARD + IGDM (alpha 5) with each igdm_bn candidate, and the ARD base, seeds 100 and 101 (not the grid's seeds)
 #   digits: the main grid of setting 1 (digits, 64/255), with VARIANT=<the pilot's choice> (README.md, "Pilot rule")
 # Options, as in experiments/convergent/grid.sh: SEEDS="0 1" (grid seeds, default 0-4), CLAIMS=DIR (processes share the
@@ -99,11 +99,32 @@ fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE
     [ -f $d/ard_2e_s0/metrics.json ] || run $d/ard_2e_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $((2*E)) --out $d/ard_2e_s0
   fi
 }
+fashion() {  # setting 2's grid (README.md), on the folder the gates fixed: N=<images> E=<epochs> [TEACHER] [TE], VARIANT
+            # ARD and AdaAD, each base, IGDM update and IGDM VARIANT (alpha 5), seeds 0-2; AutoAttack on the 1,000 images
+  : "${N:?set N (README.md)}" "${E:?set E}" "${VARIANT:?set VARIANT to the choice of the pilot}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
+  local d=$OUT/fashion/size_n${N}_e${E}
+  local S=(--student tiny_mobilenet_cifar --teacher $d/teacher_${TA}_e$TE/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --epochs $E)
+  [ -f $d/teacher_${TA}_e$TE/teacher.pt ] || { echo "no teacher at $d/teacher_${TA}_e$TE: run fashion_size first"; exit 2; }
+  fstudent() {  # NAME, then the variant's options (claimed, trained unless finished, then its AutoAttack)
+    local name=$1; shift
+    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_${name}" 2>/dev/null || return 0; fi
+    [ -f $d/$name/metrics.json ] || run $d/$name.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" "$@" --out $d/$name
+    faa $d/$name student.pt 1000
+  }
+  for s in "${SEEDS[@]:0:3}"; do
+    for m in ard adaad; do
+      fstudent ${m}_s$s --method $m --no-igdm --seed $s
+      fstudent ${m}_igdm_update_s$s --method $m --igdm --alpha 5 --igdm-bn update --seed $s
+      fstudent ${m}_igdm_${VARIANT}_s$s --method $m --igdm --alpha 5 --igdm-bn $VARIANT --seed $s
+    done
+  done
+}
 case ${1:-pilot} in
   pilot) pilot ;;
   digits) digits ;;
   all) pilot; digits ;;
   fashion_time) fashion_time ;;
   fashion_size) fashion_size ;;
-  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size]"; exit 2 ;;
+  fashion) fashion ;;
+  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size|fashion]"; exit 2 ;;
 esac
