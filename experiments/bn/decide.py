@@ -20,7 +20,11 @@ CANDIDATES = ('keep', 'recalibrate', 'eval')   # in the order of cost: a tie goe
 PILOT_SEEDS, TIE = (100, 101), 1.0             # the pilot's seeds; candidates within TIE points of the best are tied
 NON_INFERIOR = -1.0                            # rule 1: mean(VARIANT − update) above this, every method and setting
 # the settings of README.md: name -> (folder, data, eps, methods of the rule, the seeds it needs, the IGDM alpha per method)
-SETTINGS = {'digits': dict(folder='digits', data='digits', eps='64/255', methods=('ard', 'rslad', 'adaad'), seeds=(0, 1, 2, 3, 4))}
+SETTINGS = {'digits': dict(folder='digits', data='digits', eps='64/255', methods=('ard', 'rslad', 'adaad'), seeds=(0, 1, 2, 3, 4),
+                          # reported, not in the rule: label -> (run prefix, VARIANT's tag, the update tag, the base tag)
+                          extra={'ARD, α = 1': ('ard', '_igdm_{v}_a1', '_igdm_update', ''),
+                                 'ARD, α = 20': ('ard', '_igdm_{v}_a20', '_igdm_update', ''),
+                                 "Table 6 (AdaAD, teacher-free inner)": ('adaad_tf', '_igdm_{v}', '_igdm_update', '')})}
 RULE = ("The default igdm_bn becomes VARIANT iff (1) in both settings and for every method, the mean of AA(VARIANT) - "
         "AA(update), paired by seed, is above -1 point, and (2) in at least one setting the 95% paired t interval of that "
         "difference lies above 0 for every method; otherwise it stays 'update'. protocol='paper' keeps 'update' always.")
@@ -66,17 +70,36 @@ def pilot()->dict:
     return dict(rows=rows, minus_update=d, minus_base={v: _diff(rows[v], rows['base']) for v in ('update', *CANDIDATES)},
                 done=done, choice=choice)
 
+MEANS = ('clean', 'pgd20', 'aa', 'gd', 'gc')   # the per-arm means reported beside the differences (GD and GC as they come out)
+
+def _means(rows:list)->dict:
+    "The mean of each of MEANS over the finished seeds of one arm, and their count."
+    done = [r for r in rows if r]
+    out = {k: (sum(r[k] for r in done) / len(done) if done and all(r[k] is not None for r in done) else None) for k in MEANS}
+    return dict(out, n=len(done))
+
+def _arms(folder:str, prefix:str, tags:dict, seeds)->dict:
+    "Each arm's rows: tag name -> [run_row of `folder/prefix+tag_sSEED` for each seed]."
+    return {k: [run_row(f"{folder}/{prefix}{t}_s{s}") for s in seeds] for k, t in tags.items()}
+
 def setting(name:str, variant:str)->dict:
-    "One setting's differences per method: VARIANT − update and VARIANT − base, and whether every seed has finished."
+    "One setting's differences per method (VARIANT − update, VARIANT − base), the reported-only rows, arm means, completeness."
     cfg = SETTINGS[name]
-    methods, complete = {}, True
+    methods, complete, arms = {}, True, {}
     for m in cfg['methods']:
-        get = lambda tag: [run_row(f"{cfg['folder']}/{m}{tag}_s{s}") for s in cfg['seeds']]
-        base, update, var = get(''), get('_igdm_update'), get(f'_igdm_{variant}')
-        complete &= all(base) and all(update) and all(var)
-        methods[m] = dict(variant_minus_update=_diff(var, update), variant_minus_base=_diff(var, base),
-                          update_minus_base=_diff(update, base))
-    return dict(name=name, data=cfg['data'], eps=cfg['eps'], seeds=list(cfg['seeds']), complete=complete, methods=methods)
+        a = _arms(cfg['folder'], m, dict(base='', update='_igdm_update', variant=f'_igdm_{variant}'), cfg['seeds'])
+        complete &= all(all(rs) for rs in a.values())
+        methods[m] = dict(variant_minus_update=_diff(a['variant'], a['update']), variant_minus_base=_diff(a['variant'], a['base']),
+                          update_minus_base=_diff(a['update'], a['base']))
+        arms[m] = {k: _means(rs) for k, rs in a.items()}
+    extra = {}
+    for label, (prefix, vt, ut, bt) in cfg.get('extra', {}).items():
+        a = _arms(cfg['folder'], prefix, dict(base=bt, update=ut, variant=vt.format(v=variant)), cfg['seeds'])
+        extra[label] = dict(variant_minus_update=_diff(a['variant'], a['update']), variant_minus_base=_diff(a['variant'], a['base']),
+                            update_minus_base=_diff(a['update'], a['base']))
+        arms[label] = {k: _means(rs) for k, rs in a.items()}
+    return dict(name=name, data=cfg['data'], eps=cfg['eps'], seeds=list(cfg['seeds']), complete=complete, methods=methods,
+                extra=extra, arms=arms)
 
 def decide(settings:list, variant:str|None)->tuple[str, str]:
     "The default the rule gives, and why."
@@ -110,6 +133,16 @@ def markdown(p:dict, settings:list, default:str, why:str)->str:
         md += "| method | VARIANT − update | VARIANT − base | update − base |\n|---|---|---|---|\n"
         for m, x in s['methods'].items():
             md += f"| {m} | {_fmt(x['variant_minus_update'])} | {_fmt(x['variant_minus_base'])} | {_fmt(x['update_minus_base'])} |\n"
+        for m, x in s.get('extra', {}).items():   # reported, not part of the rule
+            md += f"| {m} (reported only) | {_fmt(x['variant_minus_update'])} | {_fmt(x['variant_minus_base'])} | {_fmt(x['update_minus_base'])} |\n"
+        if s.get('extra'): md += "\nThe α rows pair ARD + IGDM VARIANT at that α with ARD + IGDM `update` at α = 5 and with the ARD base.\n"
+        md += "\nMeans over the finished seeds (GD: gradient distance, GC: gradient cosine with the teacher, as `train` measures them):\n\n"
+        md += "| runs | arm | n | clean | PGD-20 | AA | GD | GC |\n|---|---|---|---|---|---|---|---|\n"
+        f = lambda v, p: '–' if v is None else format(v, p)
+        for m, arms in s.get('arms', {}).items():
+            for k, a in arms.items():
+                if a['n']: md += (f"| {m} | {k} | {a['n']} | {f(a['clean'], '.2f')} | {f(a['pgd20'], '.2f')} | {f(a['aa'], '.2f')} | "
+                                  f"{f(a['gd'], '.4f')} | {f(a['gc'], '.4f')} |\n")
     md += f"\n## Decision\n\n{RULE}\n\nDefault: **{default}** ({why}).\n"
     return md
 
