@@ -105,7 +105,8 @@ def test_explicit_values_skip_the_probe(monkeypatch):
     assert not hasattr(build(channels_last=False, attack_dtype='fp32'), 'auto_speed')
     timed = []
     real = speed._probe_step
-    monkeypatch.setattr(speed, '_probe_step', lambda learn, adv, *a: timed.append((next(p for p in learn.model.parameters() if p.ndim == 4).is_contiguous(), adv.dtype)) or real(learn, adv, *a))
+    conv = lambda learn: next(p for m in speed._models(learn) for p in m.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    monkeypatch.setattr(speed, '_probe_step', lambda learn, adv, *a: timed.append((conv(learn).is_contiguous(), adv.dtype)) or real(learn, adv, *a))
     learn = build(channels_last=False)   # the layout given: only the precision is measured
     fit(learn)
     assert learn.auto_speed.record['choice']['channels_last'] is False and learn.nhwc is False
@@ -181,3 +182,24 @@ def test_a_compare_variant_records_its_choice_and_its_resume_reuses_it(tmp_path)
     assert cfg['ard']['seconds_per_epoch'] is not None and cfg['ard']['alpha_used'] is None
     assert cfg['ard_igdm']['speed']['student']['choice'] and cfg['ard_igdm']['igdm'] is True
     assert len((out/'ard'/'history.csv').read_text().strip().splitlines()) == 1 + 3   # resumed to its 3 epochs, not restarted
+
+
+@pytest.mark.parametrize('close, calls', [(False, 8), (True, 10)])
+def test_the_last_round_is_skipped_when_one_candidate_is_left(monkeypatch, close, calls):
+    "Four candidates: a warm-up and a timed round each; the second timed round only if two or more are within 15% of the best."
+    seen = []
+    def step(learn, adv, *a):
+        w = next(p for m in speed._models(learn) for p in m.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        nhwc = not w.is_contiguous()   # a k×k convolution over several channels: its layout shows in its strides
+        seen.append((nhwc, adv.dtype))
+        t = {(True, torch.bfloat16): 1.0, (False, torch.bfloat16): 1.1 if close else 2.0}.get((nhwc, adv.dtype), 3.0)
+        return 0., t, 0.
+    monkeypatch.setattr(speed, 'native_bf16', lambda *a, **k: True)
+    monkeypatch.setattr(speed, 'check_method_precision', lambda *a, **k: PrecisionCheck(torch.bfloat16, 1.0, 1.0, None, None, 0.05, 3.0, 0.5, 16))
+    monkeypatch.setattr(speed, '_probe_step', step)
+    learn = build()
+    learn.auto_speed.cache = False
+    monkeypatch.setattr(learn.adv_examples, '_check_precision', lambda *a: None)
+    fit(learn)
+    assert len(seen) == calls and len(set(seen)) == 4
+    assert learn.auto_speed.record['choice'] == dict(channels_last=True, attack_dtype='bf16')

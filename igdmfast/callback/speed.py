@@ -284,6 +284,7 @@ def probe(self:AutoSpeed, x:Tensor, y:Tensor)->dict:
             for r in range(self.rounds + 1 if len(cands) > 1 else 0):   # round 0 warms up (one attack step)
                 best = min(est.values()) if est else None
                 timed = [c for c in cands if best is None or est[c] <= 1.15 * best]   # later rounds: only the close ones
+                if r > 1 and len(timed) < 2: break   # one candidate left: nothing more to compare
                 for c in (timed if r % 2 == 0 else timed[::-1]):
                     saved.restore(); set_layout(models, c[0])
                     _set(adv, dtype=c[1], threat=threat.replace(n_steps=k if r else 1))
