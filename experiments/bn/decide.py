@@ -34,6 +34,7 @@ def _student(m:dict)->dict:
     return m['models'][next(k for k in m['models'] if k.startswith('student'))]['numbers']
 
 def run_row(name:str, # a run folder under runs/, e.g. 'pilot/ard_igdm_keep_s100'
+            same_images:bool=True, # the AutoAttack run attacked the training run's validation images (setting 1: all 360)
            )->dict|None:
     "One finished run (train and its AutoAttack) as a row, or None while it is not finished."
     d, a = RUNS/name, RUNS/f'{name}_aa'
@@ -41,7 +42,10 @@ def run_row(name:str, # a run folder under runs/, e.g. 'pilot/ard_igdm_keep_s100
     m, aa = json.loads((d/'metrics.json').read_text()), json.loads((a/'metrics.json').read_text())
     cfg, nums = m['extra']['config'], _student(m)
     aa_nums = next(iter(aa['models'].values()))['numbers']
-    if abs(aa_nums['clean'] - nums['clean']) > 1e-9:
+    aa_model = Path((aa['extra'].get('config') or {}).get('model', ''))
+    if aa_model.parent.name != d.name:   # setting 2: `eval --n 1000 --seed 0` (its own subset), so only the file is checked
+        raise ValueError(f"{name}: its AutoAttack run evaluated {aa_model}, not this run's weights.")
+    if same_images and abs(aa_nums['clean'] - nums['clean']) > 1e-9:
         raise ValueError(f"{name}: the AutoAttack run's clean accuracy {aa_nums['clean']} is not the training run's "
                          f"{nums['clean']}: it evaluated another checkpoint.")
     return dict(name=name, method=cfg['method'], igdm=bool(cfg['igdm']), igdm_bn=cfg.get('igdm_bn'), seed=cfg['seed'],
@@ -78,23 +82,23 @@ def _means(rows:list)->dict:
     out = {k: (sum(r[k] for r in done) / len(done) if done and all(r[k] is not None for r in done) else None) for k in MEANS}
     return dict(out, n=len(done))
 
-def _arms(folder:str, prefix:str, tags:dict, seeds)->dict:
+def _arms(folder:str, prefix:str, tags:dict, seeds, same_images:bool=True)->dict:
     "Each arm's rows: tag name -> [run_row of `folder/prefix+tag_sSEED` for each seed]."
-    return {k: [run_row(f"{folder}/{prefix}{t}_s{s}") for s in seeds] for k, t in tags.items()}
+    return {k: [run_row(f"{folder}/{prefix}{t}_s{s}", same_images) for s in seeds] for k, t in tags.items()}
 
 def setting(name:str, variant:str)->dict:
     "One setting's differences per method (VARIANT − update, VARIANT − base), the reported-only rows, arm means, completeness."
     cfg = SETTINGS[name]
     methods, complete, arms = {}, True, {}
     for m in cfg['methods']:
-        a = _arms(cfg['folder'], m, dict(base='', update='_igdm_update', variant=f'_igdm_{variant}'), cfg['seeds'])
+        a = _arms(cfg['folder'], m, dict(base='', update='_igdm_update', variant=f'_igdm_{variant}'), cfg['seeds'], cfg.get('same_images', True))
         complete &= all(all(rs) for rs in a.values())
         methods[m] = dict(variant_minus_update=_diff(a['variant'], a['update']), variant_minus_base=_diff(a['variant'], a['base']),
                           update_minus_base=_diff(a['update'], a['base']))
         arms[m] = {k: _means(rs) for k, rs in a.items()}
     extra = {}
     for label, (prefix, vt, ut, bt) in cfg.get('extra', {}).items():
-        a = _arms(cfg['folder'], prefix, dict(base=bt, update=ut, variant=vt.format(v=variant)), cfg['seeds'])
+        a = _arms(cfg['folder'], prefix, dict(base=bt, update=ut, variant=vt.format(v=variant)), cfg['seeds'], cfg.get('same_images', True))
         extra[label] = dict(variant_minus_update=_diff(a['variant'], a['update']), variant_minus_base=_diff(a['variant'], a['base']),
                             update_minus_base=_diff(a['update'], a['base']))
         arms[label] = {k: _means(rs) for k, rs in a.items()}
