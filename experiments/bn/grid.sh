@@ -85,17 +85,23 @@ fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack o
   [ -f $d/adaad_e2/metrics.json ] || run $d/adaad_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad_e2
 }
 fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE=<teacher epochs, default E>]
+                  # with CLAIMS=DIR several processes share the steps (the teacher first: the others need its teacher.pt)
   : "${N:?set N (README.md step 2)}" "${E:?set E}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
   local d=$OUT/fashion/size_n${N}_e${E}; mkdir -p $d
   local t=$d/teacher_${TA}_e$TE
+  mine() { [ -z "${CLAIMS:-}" ] || { mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_size_n${N}_e${E}_$1" 2>/dev/null; }; }
   [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $t
-  faa $t teacher.pt 1000
-  [ -f $d/pgdat_student/metrics.json ] || run $d/pgdat_student.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch tiny_mobilenet_cifar --method pgd_at --epochs $E --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $d/pgdat_student
-  faa $d/pgdat_student teacher.pt 1000
+  if mine teacher_aa; then faa $t teacher.pt 1000; fi
+  if mine pgdat_student; then
+    [ -f $d/pgdat_student/metrics.json ] || run $d/pgdat_student.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch tiny_mobilenet_cifar --method pgd_at --epochs $E --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $d/pgdat_student
+    faa $d/pgdat_student teacher.pt 1000
+  fi
   local S=(--student tiny_mobilenet_cifar --teacher $t/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --seed 0 --method ard --no-igdm)
-  [ -f $d/ard_s0/metrics.json ] || run $d/ard_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $E --out $d/ard_s0
-  faa $d/ard_s0 student.pt 1000
-  if [ "${GATE:-0}" = 1 ]; then
+  if mine ard_s0; then
+    [ -f $d/ard_s0/metrics.json ] || run $d/ard_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $E --out $d/ard_s0
+    faa $d/ard_s0 student.pt 1000
+  fi
+  if [ "${GATE:-0}" = 1 ] && mine ard_2e_s0; then
     [ -f $d/ard_2e_s0/metrics.json ] || run $d/ard_2e_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $((2*E)) --out $d/ard_2e_s0
   fi
 }
