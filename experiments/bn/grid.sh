@@ -84,38 +84,46 @@ fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack o
   [ -f $d/ard_igdm_keep_e2/metrics.json ] || run $d/ard_igdm_keep_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --igdm --alpha 5 --igdm-bn keep --out $d/ard_igdm_keep_e2
   [ -f $d/adaad_e2/metrics.json ] || run $d/adaad_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad_e2
 }
-fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE=<teacher epochs, default E>]
-                  # with CLAIMS=DIR several processes share the steps (the teacher first: the others need its teacher.pt)
+fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE=<teacher epochs, default E>] [STUDENTS=0|1]
+                  # with CLAIMS=DIR several processes share the steps. Each teacher's students live in their own folder
+                  # (students_<arch>_e<TE>), so a fallback teacher never reuses another teacher's students. STUDENTS=0:
+                  # the teacher gate only (the teacher, the PGD-AT student, their AutoAttack), no ARD students.
   : "${N:?set N (README.md step 2)}" "${E:?set E}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
   local d=$OUT/fashion/size_n${N}_e${E}; mkdir -p $d
-  local t=$d/teacher_${TA}_e$TE
+  local t=$d/teacher_${TA}_e$TE st=$d/students_${TA}_e$TE
   mine() { [ -z "${CLAIMS:-}" ] || { mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_size_n${N}_e${E}_$1" 2>/dev/null; }; }
-  [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $t
-  if mine teacher_aa; then faa $t teacher.pt 1000; fi
+  if mine teacher_${TA}_e$TE; then
+    [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $t
+  fi
+  [ -f $t/teacher.pt ] || { echo "$t is being trained by another process: rerun when it has finished"; return 0; }
+  if mine teacher_${TA}_e${TE}_aa; then faa $t teacher.pt 1000; fi
   if mine pgdat_student; then
     [ -f $d/pgdat_student/metrics.json ] || run $d/pgdat_student.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch tiny_mobilenet_cifar --method pgd_at --epochs $E --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $d/pgdat_student
     faa $d/pgdat_student teacher.pt 1000
   fi
+  [ "${STUDENTS:-1}" = 1 ] || return 0
+  mkdir -p $st
   local S=(--student tiny_mobilenet_cifar --teacher $t/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --seed 0 --method ard --no-igdm)
-  if mine ard_s0; then
-    [ -f $d/ard_s0/metrics.json ] || run $d/ard_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $E --out $d/ard_s0
-    faa $d/ard_s0 student.pt 1000
+  if mine students_${TA}_e${TE}_ard_s0; then
+    [ -f $st/ard_s0/metrics.json ] || run $st/ard_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $E --out $st/ard_s0
+    faa $st/ard_s0 student.pt 1000
   fi
-  if [ "${GATE:-0}" = 1 ] && mine ard_2e_s0; then
-    [ -f $d/ard_2e_s0/metrics.json ] || run $d/ard_2e_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $((2*E)) --out $d/ard_2e_s0
+  if [ "${GATE:-0}" = 1 ] && mine students_${TA}_e${TE}_ard_2e_s0; then
+    [ -f $st/ard_2e_s0/metrics.json ] || run $st/ard_2e_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $((2*E)) --out $st/ard_2e_s0
   fi
 }
-fashion() {  # setting 2's grid (README.md), on the folder the gates fixed: N=<images> E=<epochs> [TEACHER] [TE], VARIANT
-            # ARD and AdaAD, each base, IGDM update and IGDM VARIANT (alpha 5), seeds 0-2; AutoAttack on the 1,000 images
+fashion() {  # setting 2's grid (README.md), with the teacher the gates chose: N=<images> E=<epochs> TEACHER=<arch> TE=<epochs>
+            # VARIANT; ARD and AdaAD, each base, IGDM update and IGDM VARIANT (alpha 5), seeds 0-2; AutoAttack on the 1,000 images
   : "${N:?set N (README.md)}" "${E:?set E}" "${VARIANT:?set VARIANT to the choice of the pilot}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
-  local d=$OUT/fashion/size_n${N}_e${E}
+  local d=$OUT/fashion/size_n${N}_e${E}; local st=$d/students_${TA}_e$TE
   local S=(--student tiny_mobilenet_cifar --teacher $d/teacher_${TA}_e$TE/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --epochs $E)
   [ -f $d/teacher_${TA}_e$TE/teacher.pt ] || { echo "no teacher at $d/teacher_${TA}_e$TE: run fashion_size first"; exit 2; }
+  mkdir -p $st
   fstudent() {  # NAME, then the variant's options (claimed, trained unless finished, then its AutoAttack)
     local name=$1; shift
-    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_${name}" 2>/dev/null || return 0; fi
-    [ -f $d/$name/metrics.json ] || run $d/$name.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" "$@" --out $d/$name
-    faa $d/$name student.pt 1000
+    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_${TA}_e${TE}_${name}" 2>/dev/null || return 0; fi
+    [ -f $st/$name/metrics.json ] || run $st/$name.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" "$@" --out $st/$name
+    faa $st/$name student.pt 1000
   }
   for s in "${SEEDS[@]:0:3}"; do
     for m in ard adaad; do
