@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Setting 2's gates (README.md, "Setting 2's sizing pilot", steps 3-4), read from the run folders: `gates.json`.
+
+Usage (from the repository root):  .venv/bin/python experiments/bn/gates.py [N E]      (default: 3000 20)
+Teacher gate: in the plan's order (small_cnn for E epochs, small_cnn for 2E, tiny_resnet_cifar for 2E), the first teacher
+whose AutoAttack accuracy on the 1,000 seeded test images beats the PGD-AT student's (E epochs, same images) by at
+least 5 points is the teacher. Convergence gate: with that teacher, the ARD base student of 2E epochs must not move
+PGD-20 (in training, on the 1,000 validation images) by 5 points or more from the E-epoch student. Nothing is typed
+by hand; a gate whose runs have not finished says so.
+"""
+import json, sys
+from pathlib import Path
+from igdmfast.core import atomic_write
+
+HERE = Path(__file__).resolve().parent
+TEACHER_MARGIN, CONVERGENCE = 5.0, 5.0   # AutoAttack points; PGD-20 points
+
+def _numbers(f:Path)->dict|None:
+    "The first model's numbers of a metrics.json, or None if the run has not finished."
+    if not f.is_file(): return None
+    return next(iter(json.loads(f.read_text())['models'].values()))['numbers']
+
+def _student(f:Path)->dict|None:
+    "The student's numbers of a `train` metrics.json (in-training, on the validation images), or None if not finished."
+    if not f.is_file(): return None
+    m = json.loads(f.read_text())['models']
+    return m[next(k for k in m if k.startswith('student'))]['numbers']
+
+def gates(n:int, e:int)->dict:
+    d = HERE/'runs'/'fashion'/f'size_n{n}_e{e}'
+    pgdat = _numbers(d/'pgdat_student_aa'/'metrics.json')
+    order = [('small_cnn', e), ('small_cnn', 2 * e), ('tiny_resnet_cifar', 2 * e)]
+    teachers, chosen = [], None
+    for arch, te in order:
+        t = _numbers(d/f'teacher_{arch}_e{te}_aa'/'metrics.json')
+        row = dict(arch=arch, epochs=te, aa=None if t is None else t['aa'], clean=None if t is None else t['clean'])
+        if t is not None and pgdat is not None:
+            row['margin'] = t['aa'] - pgdat['aa']
+            row['passes'] = row['margin'] >= TEACHER_MARGIN
+        teachers.append(row)
+        if chosen is None:
+            if row.get('passes') is None: break   # the rule needs this teacher's result before any later one counts
+            if row['passes']: chosen = row
+    conv = None
+    if chosen is not None:
+        st = d/f"students_{chosen['arch']}_e{chosen['epochs']}"
+        a, b = _student(st/'ard_s0'/'metrics.json'), _student(st/'ard_2e_s0'/'metrics.json')
+        conv = dict(pgd20_e=None if a is None else a['pgd20'], pgd20_2e=None if b is None else b['pgd20'])
+        if a is not None and b is not None:
+            conv['difference'] = b['pgd20'] - a['pgd20']
+            conv['passes'] = abs(conv['difference']) < CONVERGENCE
+    return dict(n=n, e=e, pgdat_student=None if pgdat is None else dict(aa=pgdat['aa'], clean=pgdat['clean']),
+                teacher_margin=TEACHER_MARGIN, teachers=teachers, teacher=chosen, convergence=conv,
+                rule=__doc__.split('\n\n')[1].replace('\n', ' '))
+
+def main(argv=sys.argv[1:]):
+    n, e = (int(argv[0]), int(argv[1])) if argv else (3000, 20)
+    g = gates(n, e)
+    atomic_write(HERE/'gates.json', lambda f: f.write((json.dumps(g, indent=1) + '\n').encode()))
+    p = g['pgdat_student']
+    print(f"PGD-AT student: AA {p['aa'] if p else 'not finished'}")
+    for t in g['teachers']:
+        print(f"teacher {t['arch']} {t['epochs']} epochs: AA {t['aa']}, margin {t.get('margin')}, passes {t.get('passes')}")
+    print(f"teacher: {g['teacher']['arch'] + ' ' + str(g['teacher']['epochs']) if g['teacher'] else 'none yet'}; convergence: {g['convergence']}")
+
+if __name__ == '__main__': main()
