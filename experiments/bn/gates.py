@@ -38,9 +38,9 @@ def gates(n:int, e:int)->dict:
             row['margin'] = t['aa'] - pgdat['aa']
             row['passes'] = row['margin'] >= TEACHER_MARGIN
         teachers.append(row)
-        if chosen is None:
-            if row.get('passes') is None: break   # the rule needs this teacher's result before any later one counts
-            if row['passes']: chosen = row
+    for row in teachers:   # in the plan's order: an undecided teacher blocks every later one
+        if row.get('passes') is None: break
+        if row['passes']: chosen = row; break
     conv = None
     if chosen is not None:
         st = d/f"students_{chosen['arch']}_e{chosen['epochs']}"
