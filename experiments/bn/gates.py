@@ -49,7 +49,9 @@ def gates(n:int, e:int)->dict:
         if a is not None and b is not None:
             conv['difference'] = b['pgd20'] - a['pgd20']
             conv['passes'] = abs(conv['difference']) < CONVERGENCE
-    return dict(n=n, e=e, pgdat_student=None if pgdat is None else dict(aa=pgdat['aa'], clean=pgdat['clean']),
+    outcome = ('teacher chosen' if chosen else 'no teacher passes: setting 2 moves to the CIFAR-10 subset (README, step 3)'
+               if pgdat is not None and all(t.get('passes') is False for t in teachers) else 'undecided')
+    return dict(n=n, e=e, outcome=outcome, pgdat_student=None if pgdat is None else dict(aa=pgdat['aa'], clean=pgdat['clean']),
                 teacher_margin=TEACHER_MARGIN, teachers=teachers, teacher=chosen, convergence=conv,
                 rule=__doc__.split('\n\n')[1].replace('\n', ' '))
 
@@ -61,6 +63,6 @@ def main(argv=sys.argv[1:]):
     print(f"PGD-AT student: AA {p['aa'] if p else 'not finished'}")
     for t in g['teachers']:
         print(f"teacher {t['arch']} {t['epochs']} epochs: AA {t['aa']}, margin {t.get('margin')}, passes {t.get('passes')}")
-    print(f"teacher: {g['teacher']['arch'] + ' ' + str(g['teacher']['epochs']) if g['teacher'] else 'none yet'}; convergence: {g['convergence']}")
+    print(f"{g['outcome']}: {g['teacher']['arch'] + ' ' + str(g['teacher']['epochs']) if g['teacher'] else '-'}; convergence: {g['convergence']}")
 
 if __name__ == '__main__': main()
