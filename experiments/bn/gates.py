@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Setting 2's gates (README.md, "Setting 2's sizing pilot", steps 3-4), read from the run folders: `gates.json`.
 
-Usage (from the repository root):  .venv/bin/python experiments/bn/gates.py [N E]      (default: 3000 20)
-Teacher gate: in the plan's order (small_cnn for E epochs, small_cnn for 2E, tiny_resnet_cifar for 2E), the first teacher
+Usage (from the repository root):  .venv/bin/python experiments/bn/gates.py [fashion|cifar [N E]]   (default: fashion 3000 20)
+Teacher gate: in the plan's order (ORDERS: Fashion-MNIST small_cnn for E epochs, for 2E, tiny_resnet_cifar for 2E; the
+CIFAR-10 subset tiny_resnet_cifar for 2E, 4E), the first teacher
 whose AutoAttack accuracy on the 1,000 seeded test images beats the PGD-AT student's (E epochs, same images) by at
 least 5 points is the teacher. Convergence gate: with that teacher, the ARD base student of 2E epochs must not move
 PGD-20 (in training, on the 1,000 validation images) by 5 points or more from the E-epoch student. Nothing is typed
@@ -14,6 +15,8 @@ from igdmfast.core import atomic_write
 
 HERE = Path(__file__).resolve().parent
 TEACHER_MARGIN, CONVERGENCE = 5.0, 5.0   # AutoAttack points; PGD-20 points
+ORDERS = {'fashion': lambda e: [('small_cnn', e), ('small_cnn', 2 * e), ('tiny_resnet_cifar', 2 * e)],
+          'cifar': lambda e: [('tiny_resnet_cifar', 2 * e), ('tiny_resnet_cifar', 4 * e)]}   # README.md, each plan's step 3 / 1
 
 def _numbers(f:Path)->dict|None:
     "The first model's numbers of a metrics.json, or None if the run has not finished."
@@ -26,10 +29,10 @@ def _student(f:Path)->dict|None:
     m = json.loads(f.read_text())['models']
     return m[next(k for k in m if k.startswith('student'))]['numbers']
 
-def gates(n:int, e:int)->dict:
-    d = HERE/'runs'/'fashion'/f'size_n{n}_e{e}'
+def gates(n:int, e:int, dataset:str='fashion')->dict:
+    d = HERE/'runs'/dataset/f'size_n{n}_e{e}'
     pgdat = _numbers(d/'pgdat_student_aa'/'metrics.json')
-    order = [('small_cnn', e), ('small_cnn', 2 * e), ('tiny_resnet_cifar', 2 * e)]
+    order = ORDERS[dataset](e)
     teachers, chosen = [], None
     for arch, te in order:
         t = _numbers(d/f'teacher_{arch}_e{te}_aa'/'metrics.json')
@@ -51,14 +54,15 @@ def gates(n:int, e:int)->dict:
             conv['passes'] = abs(conv['difference']) < CONVERGENCE
     outcome = ('teacher chosen' if chosen else 'no teacher passes: setting 2 moves to the CIFAR-10 subset (README, step 3)'
                if pgdat is not None and all(t.get('passes') is False for t in teachers) else 'undecided')
-    return dict(n=n, e=e, outcome=outcome, pgdat_student=None if pgdat is None else dict(aa=pgdat['aa'], clean=pgdat['clean']),
+    return dict(dataset=dataset, n=n, e=e, outcome=outcome, pgdat_student=None if pgdat is None else dict(aa=pgdat['aa'], clean=pgdat['clean']),
                 teacher_margin=TEACHER_MARGIN, teachers=teachers, teacher=chosen, convergence=conv,
                 rule=__doc__.split('\n\n')[1].replace('\n', ' '))
 
 def main(argv=sys.argv[1:]):
-    n, e = (int(argv[0]), int(argv[1])) if argv else (3000, 20)
-    g = gates(n, e)
-    atomic_write(HERE/'gates.json', lambda f: f.write((json.dumps(g, indent=1) + '\n').encode()))
+    dataset = argv[0] if argv else 'fashion'
+    n, e = (int(argv[1]), int(argv[2])) if len(argv) > 1 else (3000, 20)
+    g = gates(n, e, dataset)
+    atomic_write(HERE/('gates.json' if dataset == 'fashion' else f'gates_{dataset}.json'), lambda f: f.write((json.dumps(g, indent=1) + '\n').encode()))
     p = g['pgdat_student']
     print(f"PGD-AT student: AA {p['aa'] if p else 'not finished'}")
     for t in g['teachers']:

@@ -63,10 +63,15 @@ digits() {  # setting 1's grid (README.md): base, update and VARIANT for ARD, RS
   done
 }
 # setting 2 (README.md, "Setting 2's sizing pilot"): Fashion-MNIST (the shared .npz: 23,000 train, 10,000 test) at 0.1
-FDATA=../shared/data/fashion_mnist.npz
-FCOMMON=(--data $FDATA --eps 25.5 --steps 10 --bs 128 --resume)
+# DATASET=cifar: the same steps on the CIFAR-10 subset at 8/255 (README.md, "Setting 2 on the CIFAR-10 subset"), in runs/cifar
+case ${DATASET:-fashion} in
+  fashion) FDATA=../shared/data/fashion_mnist.npz FEPS=25.5 FDIR=fashion ;;
+  cifar) FDATA=../shared/data/cifar10_subset.npz FEPS=8 FDIR=cifar ;;
+  *) echo "DATASET is fashion or cifar, got ${DATASET}"; exit 2 ;;
+esac
+FCOMMON=(--data $FDATA --eps $FEPS --steps 10 --bs 128 --resume)
 faa() {  # RUN_FOLDER WEIGHTS N: AutoAttack on the same seeded N test images for every run
-  [ -f ${1}_aa/metrics.json ] || run ${1}_aa.log "$IGDMFAST" eval $1/$2 --data $FDATA --eps 25.5 --attacks aa --n $3 --seed 0 --out ${1}_aa
+  [ -f ${1}_aa/metrics.json ] || run ${1}_aa.log "$IGDMFAST" eval $1/$2 --data $FDATA --eps $FEPS --attacks aa --n $3 --seed 0 --out ${1}_aa
 }
 fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack on 200 (timing only): CPU seconds in *.time
   local d=$OUT/fashion/timing; mkdir -p $d
@@ -89,9 +94,9 @@ fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE
                   # (students_<arch>_e<TE>), so a fallback teacher never reuses another teacher's students. STUDENTS=0:
                   # the teacher gate only (the teacher, the PGD-AT student, their AutoAttack), no ARD students.
   : "${N:?set N (README.md step 2)}" "${E:?set E}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
-  local d=$OUT/fashion/size_n${N}_e${E}; mkdir -p $d
+  local d=$OUT/$FDIR/size_n${N}_e${E}; mkdir -p $d
   local t=$d/teacher_${TA}_e$TE st=$d/students_${TA}_e$TE
-  mine() { [ -z "${CLAIMS:-}" ] || { mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_size_n${N}_e${E}_$1" 2>/dev/null; }; }
+  mine() { [ -z "${CLAIMS:-}" ] || { mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${FDIR}_size_n${N}_e${E}_$1" 2>/dev/null; }; }
   if mine teacher_${TA}_e$TE; then
     [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $t
   fi
@@ -115,13 +120,13 @@ fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE
 fashion() {  # setting 2's grid (README.md), with the teacher the gates chose: N=<images> E=<epochs> TEACHER=<arch> TE=<epochs>
             # VARIANT; ARD and AdaAD, each base, IGDM update and IGDM VARIANT (alpha 5), seeds 0-2; AutoAttack on the 1,000 images
   : "${N:?set N (README.md)}" "${E:?set E}" "${VARIANT:?set VARIANT to the choice of the pilot}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
-  local d=$OUT/fashion/size_n${N}_e${E}; local st=$d/students_${TA}_e$TE
+  local d=$OUT/$FDIR/size_n${N}_e${E}; local st=$d/students_${TA}_e$TE
   local S=(--student tiny_mobilenet_cifar --teacher $d/teacher_${TA}_e$TE/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --epochs $E)
   [ -f $d/teacher_${TA}_e$TE/teacher.pt ] || { echo "no teacher at $d/teacher_${TA}_e$TE: run fashion_size first"; exit 2; }
   mkdir -p $st
   fstudent() {  # NAME, then the variant's options (claimed, trained unless finished, then its AutoAttack)
     local name=$1; shift
-    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/fashion_${TA}_e${TE}_${name}" 2>/dev/null || return 0; fi
+    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${FDIR}_${TA}_e${TE}_${name}" 2>/dev/null || return 0; fi
     [ -f $st/$name/metrics.json ] || run $st/$name.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" "$@" --out $st/$name
     faa $st/$name student.pt 1000
   }
