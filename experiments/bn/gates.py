@@ -52,7 +52,9 @@ def gates(n:int, e:int, dataset:str='fashion')->dict:
         if a is not None and b is not None:
             conv['difference'] = b['pgd20'] - a['pgd20']
             conv['passes'] = abs(conv['difference']) < CONVERGENCE
-    outcome = ('teacher chosen' if chosen else 'no teacher passes: setting 2 moves to the CIFAR-10 subset (README, step 3)'
+    none_passes = {'fashion': 'no teacher passes: setting 2 moves to the CIFAR-10 subset (README, step 3)',
+                   'cifar': "no teacher passes: setting 2 cannot be run here, the default stays 'update' (README, CIFAR-10 plan step 5)"}
+    outcome = ('teacher chosen' if chosen else none_passes[dataset]
                if pgdat is not None and all(t.get('passes') is False for t in teachers) else 'undecided')
     return dict(dataset=dataset, n=n, e=e, outcome=outcome, pgdat_student=None if pgdat is None else dict(aa=pgdat['aa'], clean=pgdat['clean']),
                 teacher_margin=TEACHER_MARGIN, teachers=teachers, teacher=chosen, convergence=conv,

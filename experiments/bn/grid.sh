@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #26: BatchNorm-safe IGDM. The pilot and the PRE-REGISTERED grid of README.md (written before any run of either).
-# Usage (from anywhere): bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size|fashion]   (default: pilot)
+# Usage (from anywhere): bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size|cifar_time|fashion]   (default: pilot)
 #   pilot:  ARD + IGDM (alpha 5) with each igdm_bn candidate, and the ARD base, seeds 100 and 101 (not the grid's seeds)
 #   digits: the main grid of setting 1 (digits, 64/255), with VARIANT=<the pilot's choice> (README.md, "Pilot rule")
 # Options, as in experiments/convergent/grid.sh: SEEDS="0 1" (grid seeds, default 0-4), CLAIMS=DIR (processes share the
@@ -89,6 +89,22 @@ fashion_time() {  # step 1: one epoch of each kind on 2,000 images, AutoAttack o
   [ -f $d/ard_igdm_keep_e2/metrics.json ] || run $d/ard_igdm_keep_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --igdm --alpha 5 --igdm-bn keep --out $d/ard_igdm_keep_e2
   [ -f $d/adaad_e2/metrics.json ] || run $d/adaad_e2.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad_e2
 }
+cifar_time() {  # the CIFAR-10 plan's step 2, with the teacher the gate chose (TEACHER=<arch> TE=<epochs>): one and two
+                # epochs of each student kind on 2,000 images (one epoch = the difference); CPU seconds in cpu_seconds.csv.
+                # AutoAttack's CPU seconds per image come from the gate's timed runs (size_n3000_e20/cpu_seconds.csv).
+  [ "$FDIR" = cifar ] || { echo "cifar_time needs DATASET=cifar"; exit 2; }
+  : "${TEACHER:?set TEACHER to the teacher of the gate}" "${TE:?set TE}"
+  local t=$OUT/cifar/size_n3000_e20/teacher_${TEACHER}_e$TE/teacher.pt d=$OUT/cifar/timing; mkdir -p $d
+  [ -f $t ] || { echo "no teacher at $t: run the gate (fashion_size) first"; exit 2; }
+  local TIMEFILE=$d/cpu_seconds.csv k
+  for e in 1 2; do
+    local S=(--student tiny_mobilenet_cifar --teacher $t --n-aa 0 --epochs $e --n-train 2000 --n-valid 200 --seed 0)
+    local x=""; [ $e = 2 ] && x=_e2
+    [ -f $d/ard$x/metrics.json ] || run $d/ard$x.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --no-igdm --out $d/ard$x
+    [ -f $d/ard_igdm_keep$x/metrics.json ] || run $d/ard_igdm_keep$x.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method ard --igdm --alpha 5 --igdm-bn keep --out $d/ard_igdm_keep$x
+    [ -f $d/adaad$x/metrics.json ] || run $d/adaad$x.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --method adaad --no-igdm --out $d/adaad$x
+  done
+}
 fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE=<teacher epochs, default E>] [STUDENTS=0|1]
                   # with CLAIMS=DIR several processes share the steps. Each teacher's students live in their own folder
                   # (students_<arch>_e<TE>), so a fallback teacher never reuses another teacher's students. STUDENTS=0:
@@ -144,6 +160,7 @@ case ${1:-pilot} in
   all) pilot; digits ;;
   fashion_time) fashion_time ;;
   fashion_size) fashion_size ;;
+  cifar_time) cifar_time ;;
   fashion) fashion ;;
-  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size|fashion]"; exit 2 ;;
+  *) echo "usage: bash experiments/bn/grid.sh [pilot|digits|all|fashion_time|fashion_size|cifar_time|fashion]"; exit 2 ;;
 esac

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Setting 2's size on the CIFAR-10 subset (README.md, "Setting 2 on the CIFAR-10 subset", steps 2-3), from CPU seconds.
+
+Usage (from the repository root): .venv/bin/python experiments/bn/size_cifar.py TEACHER_RUN
+  TEACHER_RUN: the gate's chosen teacher folder name, e.g. teacher_tiny_resnet_cifar_e40
+One epoch's CPU seconds = CPU(2-epoch run) - CPU(1-epoch run), both on 2,000 images (`grid.sh cifar_time`,
+runs/cifar/timing/cpu_seconds.csv); AutoAttack's CPU seconds per image = the chosen teacher's AutoAttack run on the
+1,000 gate images (`runs/cifar/size_n3000_e20/cpu_seconds.csv`, timed by `grid.sh fashion_size` with TIMEFILE) / 1,000.
+Prints the per-1,000-image costs, the grid's CPU hours for each N at E = 20, and the plan's choice: the largest N that
+fits 20 CPU hours, else N = 3,000 with the overrun stated.
+"""
+import csv, sys
+from pathlib import Path
+
+RUNS = Path(__file__).resolve().parent/'runs'/'cifar'
+CANDIDATES, E, FALLBACK, BUDGET_H, SEEDS, N_AA = (10000, 6000, 3000), 20, 3000, 20.0, 3, 1000
+
+def cpu_seconds(path:Path)->dict:
+    "name -> user + system CPU seconds (the last line of each name)."
+    return {r[0]: float(r[1]) + float(r[2]) for r in csv.reader(path.open())}
+
+def per_epoch_per_1000(t:dict)->dict:
+    "One epoch's CPU seconds per 1,000 training images of each student kind (2,000-image runs: 2 epochs minus 1)."
+    c = {k: (t[f'{k}_e2'] - t[k]) / 2 for k in ('ard', 'ard_igdm_keep', 'adaad')}
+    c['adaad_igdm'] = c['adaad'] * c['ard_igdm_keep'] / c['ard']   # as on Fashion-MNIST: IGDM's relative cost carried over
+    return c
+
+def grid_hours(c:dict, aa_per_image:float, n:int, epochs:int=E)->float:
+    "CPU hours of setting 2's grid: ARD and AdaAD x (base, update, keep) x 3 seeds, plus 18 AutoAttacks of 1,000 images."
+    per_seed = c['ard'] + 2*c['ard_igdm_keep'] + c['adaad'] + 2*c['adaad_igdm']   # `update` costed as `keep`
+    return (SEEDS * epochs * n/1000 * per_seed + 6*SEEDS * N_AA*aa_per_image) / 3600
+
+def main(teacher_run:str):
+    c = per_epoch_per_1000(cpu_seconds(RUNS/'timing'/'cpu_seconds.csv'))
+    aa = cpu_seconds(RUNS/'size_n3000_e20'/'cpu_seconds.csv')[f'{teacher_run}_aa'] / N_AA
+    print('one epoch, CPU s per 1,000 images: ' + ', '.join(f'{k} {v:.1f}' for k, v in c.items()) + f'; AutoAttack {aa:.2f} s/image')
+    choice = None
+    for n in CANDIDATES:
+        h = grid_hours(c, aa, n); print(f'N={n:>6} E={E}: {h:6.1f} CPU hours')
+        if choice is None and h <= BUDGET_H: choice = n
+    n = choice or FALLBACK
+    print(f'choice: N={n}, E={E}' + ('' if choice else f' (nothing fits {BUDGET_H:g} h: N={FALLBACK}, '
+                                      f'{grid_hours(c, aa, FALLBACK):.1f} CPU hours, the overrun stated)'))
+
+if __name__ == '__main__':
+    if len(sys.argv) != 2: sys.exit(__doc__)
+    main(sys.argv[1])
