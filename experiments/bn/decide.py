@@ -25,6 +25,21 @@ SETTINGS = {'digits': dict(folder='digits', data='digits', eps='64/255', methods
                           extra={'ARD, α = 1': ('ard', '_igdm_{v}_a1', '_igdm_update', ''),
                                  'ARD, α = 20': ('ard', '_igdm_{v}_a20', '_igdm_update', ''),
                                  "Table 6 (AdaAD, teacher-free inner)": ('adaad_tf', '_igdm_{v}', '_igdm_update', '')})}
+SETTING2_SEEDS, SETTING2_METHODS = (0, 1, 2), ('ard', 'adaad')
+
+def setting2()->tuple[dict|None, str|None]:
+    "Setting 2's SETTINGS entry from its gates (`gates_cifar.json`, written by gates.py), or None and why not (yet)."
+    f = HERE/'gates_cifar.json'
+    if not f.is_file(): return None, None
+    g = json.loads(f.read_text())
+    if g['outcome'].startswith('no teacher passes'):
+        return None, f"setting 2 cannot be run on this machine: no teacher of the CIFAR-10 plan passed its gate ({g['outcome']})"
+    t, c = g['teacher'], g['convergence'] or {}
+    if t is None or not c.get('passes'): return None, None   # its gates are not through yet
+    return dict(folder=f"cifar/size_n{g['n']}_e{g['e']}/students_{t['arch']}_e{t['epochs']}", eps='8/255',
+                data=f"CIFAR-10 subset, {g['n']} training images, {g['e']} epochs, teacher {t['arch']} ({t['epochs']} epochs)",
+                methods=SETTING2_METHODS, seeds=SETTING2_SEEDS, same_images=False), None
+
 RULE = ("The default igdm_bn becomes VARIANT iff (1) in both settings and for every method, the mean of AA(VARIANT) - "
         "AA(update), paired by seed, is above -1 point, and (2) in at least one setting the 95% paired t interval of that "
         "difference lies above 0 for every method; otherwise it stays 'update'. protocol='paper' keeps 'update' always.")
@@ -105,9 +120,10 @@ def setting(name:str, variant:str)->dict:
     return dict(name=name, data=cfg['data'], eps=cfg['eps'], seeds=list(cfg['seeds']), complete=complete, methods=methods,
                 extra=extra, arms=arms)
 
-def decide(settings:list, variant:str|None)->tuple[str, str]:
-    "The default the rule gives, and why."
+def decide(settings:list, variant:str|None, blocked:str|None=None)->tuple[str, str]:
+    "The default the rule gives, and why (`blocked`: why a setting cannot be run, which leaves the default 'update')."
     if variant is None: return 'update', "the pilot has not finished: no VARIANT yet"
+    if blocked: return 'update', blocked
     missing = [s['name'] for s in settings if not s['complete']] + [n for n in ('second setting',) if len(settings) < 2]
     if missing: return 'update', f"not every setting has all its seeds ({', '.join(missing)}): the rule is not applied yet"
     d = [[m['variant_minus_update'] for m in s['methods'].values()] for s in settings]
@@ -153,8 +169,10 @@ def markdown(p:dict, settings:list, default:str, why:str)->str:
 def main():
     p = pilot()
     variant = p['choice']
+    s2, blocked = setting2()
+    if s2: SETTINGS['cifar'] = s2
     settings = [setting(n, variant) for n in SETTINGS] if variant else []
-    default, why = decide(settings, variant)
+    default, why = decide(settings, variant, blocked)
     out = dict(rule=RULE, commit=COMMIT, pilot=dict(done=p['done'], choice=variant, minus_update=p['minus_update'],
                minus_base=p['minus_base']), settings=settings, variant=variant, default=default, why=why)
     atomic_write(HERE/'decision.json', lambda f: f.write((json.dumps(out, indent=1) + '\n').encode()))
