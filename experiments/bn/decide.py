@@ -40,6 +40,11 @@ def setting2()->tuple[dict|None, str|None]:
                 data=f"CIFAR-10 subset, {g['n']} training images, {g['e']} epochs, teacher {t['arch']} ({t['epochs']} epochs)",
                 methods=SETTING2_METHODS, seeds=SETTING2_SEEDS, same_images=False), None
 
+def all_settings()->dict:
+    "SETTINGS with setting 2 once its gates have chosen it (name -> its entry)."
+    s2, _ = setting2()
+    return {**SETTINGS, **({'cifar': s2} if s2 else {})}
+
 RULE = ("The default igdm_bn becomes VARIANT iff (1) in both settings and for every method, the mean of AA(VARIANT) - "
         "AA(update), paired by seed, is above -1 point, and (2) in at least one setting the 95% paired t interval of that "
         "difference lies above 0 for every method; otherwise it stays 'update'. protocol='paper' keeps 'update' always.")
@@ -103,7 +108,7 @@ def _arms(folder:str, prefix:str, tags:dict, seeds, same_images:bool=True)->dict
 
 def setting(name:str, variant:str)->dict:
     "One setting's differences per method (VARIANT − update, VARIANT − base), the reported-only rows, arm means, completeness."
-    cfg = SETTINGS[name]
+    cfg = all_settings()[name]
     methods, complete, arms = {}, True, {}
     for m in cfg['methods']:
         a = _arms(cfg['folder'], m, dict(base='', update='_igdm_update', variant=f'_igdm_{variant}'), cfg['seeds'], cfg.get('same_images', True))
@@ -169,9 +174,8 @@ def markdown(p:dict, settings:list, default:str, why:str)->str:
 def main():
     p = pilot()
     variant = p['choice']
-    s2, blocked = setting2()
-    if s2: SETTINGS['cifar'] = s2
-    settings = [setting(n, variant) for n in SETTINGS] if variant else []
+    _, blocked = setting2()
+    settings = [setting(n, variant) for n in all_settings()] if variant else []
     default, why = decide(settings, variant, blocked)
     out = dict(rule=RULE, commit=COMMIT, pilot=dict(done=p['done'], choice=variant, minus_update=p['minus_update'],
                minus_base=p['minus_base']), settings=settings, variant=variant, default=default, why=why)
