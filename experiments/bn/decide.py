@@ -36,8 +36,9 @@ def setting2()->tuple[dict|None, str|None]:
         return None, f"setting 2 cannot be run on this machine: no teacher of the CIFAR-10 plan passed its gate ({g['outcome']})"
     t, c = g['teacher'], g['convergence'] or {}
     if t is None or not c.get('passes'): return None, None   # its gates are not through yet
-    return dict(folder=f"cifar/size_n{g['n']}_e{g['e']}/students_{t['arch']}_e{t['epochs']}", eps='8/255',
-                data=f"CIFAR-10 subset, {g['n']} training images, {g['e']} epochs, teacher {t['arch']} ({t['epochs']} epochs)",
+    return dict(folder=f"cifar/size_n{g['n']}_e{g['e']}/{t['folder'].replace('teacher_', 'students_', 1)}", eps='8/255',
+                data=(f"CIFAR-10 subset, {g['n']} training images, {g['e']} epochs, teacher {t['arch']} ({t['epochs']} "
+                      f"epochs on {t['n_train']} images)"),
                 methods=SETTING2_METHODS, seeds=SETTING2_SEEDS, same_images=False), None
 
 def all_settings()->dict:

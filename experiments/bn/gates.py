@@ -3,7 +3,7 @@
 
 Usage (from the repository root):  .venv/bin/python experiments/bn/gates.py [fashion|cifar [N E]]   (default: fashion 3000 20)
 Teacher gate: in the plan's order (ORDERS: Fashion-MNIST small_cnn for E epochs, for 2E, tiny_resnet_cifar for 2E; the
-CIFAR-10 subset tiny_resnet_cifar for 2E, 4E), the first teacher
+CIFAR-10 subset tiny_resnet_cifar for 2E, 4E on the students' N, then on all 10,000 images), the first teacher
 whose AutoAttack accuracy on the 1,000 seeded test images beats the PGD-AT student's (E epochs, same images) by at
 least 5 points is the teacher. Convergence gate: with that teacher, the ARD base student of 2E epochs must not move
 PGD-20 (in training, on the 1,000 validation images) by 5 points or more from the E-epoch student. Nothing is typed
@@ -15,8 +15,11 @@ from igdmfast.core import atomic_write
 
 HERE = Path(__file__).resolve().parent
 TEACHER_MARGIN, CONVERGENCE = 5.0, 5.0   # AutoAttack points; PGD-20 points
-ORDERS = {'fashion': lambda e: [('small_cnn', e), ('small_cnn', 2 * e), ('tiny_resnet_cifar', 2 * e)],
-          'cifar': lambda e: [('tiny_resnet_cifar', 2 * e), ('tiny_resnet_cifar', 4 * e)]}   # README.md, each plan's step 3 / 1
+# README.md, each plan's step 3 / 1: (arch, epochs, the teacher's training images: None = the students' N); the CIFAR-10
+# plan's last two are its amendment's teachers, trained on all 10,000 images
+ORDERS = {'fashion': lambda e: [('small_cnn', e, None), ('small_cnn', 2 * e, None), ('tiny_resnet_cifar', 2 * e, None)],
+          'cifar': lambda e: [('tiny_resnet_cifar', 2 * e, None), ('tiny_resnet_cifar', 4 * e, None),
+                              ('tiny_resnet_cifar', 2 * e, 10000), ('tiny_resnet_cifar', 4 * e, 10000)]}
 
 def _numbers(f:Path)->dict|None:
     "The first model's numbers of a metrics.json, or None if the run has not finished."
@@ -34,9 +37,11 @@ def gates(n:int, e:int, dataset:str='fashion')->dict:
     pgdat = _numbers(d/'pgdat_student_aa'/'metrics.json')
     order = ORDERS[dataset](e)
     teachers, chosen = [], None
-    for arch, te in order:
-        t = _numbers(d/f'teacher_{arch}_e{te}_aa'/'metrics.json')
-        row = dict(arch=arch, epochs=te, aa=None if t is None else t['aa'], clean=None if t is None else t['clean'])
+    for arch, te, tn in order:
+        suffix = '' if tn is None or tn == n else f'_n{tn}'   # grid.sh's TN folders
+        t = _numbers(d/f'teacher_{arch}_e{te}{suffix}_aa'/'metrics.json')
+        row = dict(arch=arch, epochs=te, n_train=tn or n, folder=f'teacher_{arch}_e{te}{suffix}',
+                   aa=None if t is None else t['aa'], clean=None if t is None else t['clean'])
         if t is not None and pgdat is not None:
             row['margin'] = t['aa'] - pgdat['aa']
             row['passes'] = row['margin'] >= TEACHER_MARGIN
@@ -46,7 +51,7 @@ def gates(n:int, e:int, dataset:str='fashion')->dict:
         if row['passes']: chosen = row; break
     conv = None
     if chosen is not None:
-        st = d/f"students_{chosen['arch']}_e{chosen['epochs']}"
+        st = d/chosen['folder'].replace('teacher_', 'students_', 1)
         a, b = _student(st/'ard_s0'/'metrics.json'), _student(st/'ard_2e_s0'/'metrics.json')
         conv = dict(pgd20_e=None if a is None else a['pgd20'], pgd20_2e=None if b is None else b['pgd20'])
         if a is not None and b is not None:
@@ -68,7 +73,7 @@ def main(argv=sys.argv[1:]):
     p = g['pgdat_student']
     print(f"PGD-AT student: AA {p['aa'] if p else 'not finished'}")
     for t in g['teachers']:
-        print(f"teacher {t['arch']} {t['epochs']} epochs: AA {t['aa']}, margin {t.get('margin')}, passes {t.get('passes')}")
+        print(f"teacher {t['arch']} {t['epochs']} epochs on {t['n_train']} images: AA {t['aa']}, margin {t.get('margin')}, passes {t.get('passes')}")
     print(f"{g['outcome']}: {g['teacher']['arch'] + ' ' + str(g['teacher']['epochs']) if g['teacher'] else '-'}; convergence: {g['convergence']}")
 
 if __name__ == '__main__': main()

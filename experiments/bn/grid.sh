@@ -70,6 +70,9 @@ case ${DATASET:-fashion} in
   *) echo "DATASET is fashion or cifar, got ${DATASET}"; exit 2 ;;
 esac
 FCOMMON=(--data $FDATA --eps $FEPS --steps 10 --bs 128 --resume)
+# TN=<images>: the teacher trains on TN images, not the students' N (README.md, the amended CIFAR-10 plan); its folders
+# (teacher_<arch>_e<TE>_n<TN>, students_<arch>_e<TE>_n<TN>) carry the suffix, and without TN nothing changes
+TSUF=""; [ -n "${TN:-}" ] && [ "${TN}" != "${N:-}" ] && TSUF=_n$TN
 faa() {  # RUN_FOLDER WEIGHTS N: AutoAttack on the same seeded N test images for every run
   [ -f ${1}_aa/metrics.json ] || run ${1}_aa.log "$IGDMFAST" eval $1/$2 --data $FDATA --eps $FEPS --attacks aa --n $3 --seed 0 --out ${1}_aa
 }
@@ -94,7 +97,7 @@ cifar_time() {  # the CIFAR-10 plan's step 2, with the teacher the gate chose (T
                 # AutoAttack's CPU seconds per image come from the gate's timed runs (size_n3000_e20/cpu_seconds.csv).
   [ "$FDIR" = cifar ] || { echo "cifar_time needs DATASET=cifar"; exit 2; }
   : "${TEACHER:?set TEACHER to the teacher of the gate}" "${TE:?set TE}"
-  local t=$OUT/cifar/size_n3000_e20/teacher_${TEACHER}_e$TE/teacher.pt d=$OUT/cifar/timing; mkdir -p $d
+  local t=$OUT/cifar/size_n3000_e20/teacher_${TEACHER}_e$TE$TSUF/teacher.pt d=$OUT/cifar/timing$TSUF; mkdir -p $d
   [ -f $t ] || { echo "no teacher at $t: run the gate (fashion_size) first"; exit 2; }
   local TIMEFILE=$d/cpu_seconds.csv k
   for e in 1 2; do
@@ -111,13 +114,13 @@ fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE
                   # the teacher gate only (the teacher, the PGD-AT student, their AutoAttack), no ARD students.
   : "${N:?set N (README.md step 2)}" "${E:?set E}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
   local d=$OUT/$FDIR/size_n${N}_e${E}; mkdir -p $d
-  local t=$d/teacher_${TA}_e$TE st=$d/students_${TA}_e$TE
+  local t=$d/teacher_${TA}_e$TE$TSUF st=$d/students_${TA}_e$TE$TSUF
   mine() { [ -z "${CLAIMS:-}" ] || { mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${FDIR}_size_n${N}_e${E}_$1" 2>/dev/null; }; }
-  if mine teacher_${TA}_e$TE; then
-    [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $t
+  if mine teacher_${TA}_e$TE$TSUF; then
+    [ -f $t/metrics.json ] || run $t.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch $TA --method pgd_at --epochs $TE --n-train ${TN:-$N} --n-valid 1000 --n-aa 0 --seed 0 --out $t
   fi
   [ -f $t/teacher.pt ] || { echo "$t is being trained by another process: rerun when it has finished"; return 0; }
-  if mine teacher_${TA}_e${TE}_aa; then faa $t teacher.pt 1000; fi
+  if mine teacher_${TA}_e$TE${TSUF}_aa; then faa $t teacher.pt 1000; fi
   if mine pgdat_student; then
     [ -f $d/pgdat_student/metrics.json ] || run $d/pgdat_student.log "$IGDMFAST" teacher "${FCOMMON[@]}" --arch tiny_mobilenet_cifar --method pgd_at --epochs $E --n-train $N --n-valid 1000 --n-aa 0 --seed 0 --out $d/pgdat_student
     faa $d/pgdat_student teacher.pt 1000
@@ -125,24 +128,24 @@ fashion_size() {  # steps 3-4 with N=<images> E=<epochs> [TEACHER=small_cnn] [TE
   [ "${STUDENTS:-1}" = 1 ] || return 0
   mkdir -p $st
   local S=(--student tiny_mobilenet_cifar --teacher $t/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --seed 0 --method ard --no-igdm)
-  if mine students_${TA}_e${TE}_ard_s0; then
+  if mine students_${TA}_e$TE${TSUF}_ard_s0; then
     [ -f $st/ard_s0/metrics.json ] || run $st/ard_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $E --out $st/ard_s0
     faa $st/ard_s0 student.pt 1000
   fi
-  if [ "${GATE:-0}" = 1 ] && mine students_${TA}_e${TE}_ard_2e_s0; then
+  if [ "${GATE:-0}" = 1 ] && mine students_${TA}_e$TE${TSUF}_ard_2e_s0; then
     [ -f $st/ard_2e_s0/metrics.json ] || run $st/ard_2e_s0.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" --epochs $((2*E)) --out $st/ard_2e_s0
   fi
 }
 fashion() {  # setting 2's grid (README.md), with the teacher the gates chose: N=<images> E=<epochs> TEACHER=<arch> TE=<epochs>
             # VARIANT; ARD and AdaAD, each base, IGDM update and IGDM VARIANT (alpha 5), seeds 0-2; AutoAttack on the 1,000 images
   : "${N:?set N (README.md)}" "${E:?set E}" "${VARIANT:?set VARIANT to the choice of the pilot}"; local TA=${TEACHER:-small_cnn} TE=${TE:-$E}
-  local d=$OUT/$FDIR/size_n${N}_e${E}; local st=$d/students_${TA}_e$TE
-  local S=(--student tiny_mobilenet_cifar --teacher $d/teacher_${TA}_e$TE/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --epochs $E)
-  [ -f $d/teacher_${TA}_e$TE/teacher.pt ] || { echo "no teacher at $d/teacher_${TA}_e$TE: run fashion_size first"; exit 2; }
+  local d=$OUT/$FDIR/size_n${N}_e${E}; local st=$d/students_${TA}_e$TE$TSUF
+  local S=(--student tiny_mobilenet_cifar --teacher $d/teacher_${TA}_e$TE$TSUF/teacher.pt --n-aa 0 --n-train $N --n-valid 1000 --epochs $E)
+  [ -f $d/teacher_${TA}_e$TE$TSUF/teacher.pt ] || { echo "no teacher at $d/teacher_${TA}_e$TE$TSUF: run fashion_size first"; exit 2; }
   mkdir -p $st
   fstudent() {  # NAME, then the variant's options (claimed, trained unless finished, then its AutoAttack)
     local name=$1; shift
-    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${FDIR}_${TA}_e${TE}_${name}" 2>/dev/null || return 0; fi
+    if [ -n "${CLAIMS:-}" ]; then mkdir -p "$CLAIMS"; mkdir "$CLAIMS/${FDIR}_${TA}_e$TE${TSUF}_${name}" 2>/dev/null || return 0; fi
     [ -f $st/$name/metrics.json ] || run $st/$name.log "$IGDMFAST" train "${FCOMMON[@]}" "${S[@]}" "$@" --out $st/$name
     faa $st/$name student.pt 1000
   }
