@@ -4,12 +4,13 @@
 Usage (from the repository root): .venv/bin/python experiments/bn/size_cifar.py TEACHER_RUN
   TEACHER_RUN: the gate's chosen teacher folder name, e.g. teacher_tiny_resnet_cifar_e40
 One epoch's CPU seconds = CPU(2-epoch run) - CPU(1-epoch run), both on 2,000 images (`grid.sh cifar_time`,
-runs/cifar/timing/cpu_seconds.csv); AutoAttack's CPU seconds per image = the chosen teacher's AutoAttack run on the
+runs/cifar/timing<_nTN>/cpu_seconds.csv); AutoAttack's CPU seconds per image = the chosen teacher's AutoAttack run on the
 1,000 gate images (`runs/cifar/size_n3000_e20/cpu_seconds.csv`, timed by `grid.sh fashion_size` with TIMEFILE) / 1,000.
 Prints the per-1,000-image costs, the grid's CPU hours for each N at E = 20, and the plan's choice: the largest N that
-fits 20 CPU hours, else N = 3,000 with the overrun stated.
+fits 20 CPU hours, else N = 3,000 with the overrun stated. A teacher trained on all 10,000 images (folder `..._n10000`,
+the amended plan) fixes N = 3,000: the hours are printed, nothing is chosen.
 """
-import csv, sys
+import csv, re, sys
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent/'runs'/'cifar'
@@ -31,9 +32,14 @@ def grid_hours(c:dict, aa_per_image:float, n:int, epochs:int=E)->float:
     return (SEEDS * epochs * n/1000 * per_seed + 6*SEEDS * N_AA*aa_per_image) / 3600
 
 def main(teacher_run:str):
-    c = per_epoch_per_1000(cpu_seconds(RUNS/'timing'/'cpu_seconds.csv'))
+    tn = re.search(r'_n(\d+)$', teacher_run)   # the amended plan's all-data teachers: their own timing folder, N fixed
+    c = per_epoch_per_1000(cpu_seconds(RUNS/f"timing{tn.group(0) if tn else ''}"/'cpu_seconds.csv'))
     aa = cpu_seconds(RUNS/'size_n3000_e20'/'cpu_seconds.csv')[f'{teacher_run}_aa'] / N_AA
     print('one epoch, CPU s per 1,000 images: ' + ', '.join(f'{k} {v:.1f}' for k, v in c.items()) + f'; AutoAttack {aa:.2f} s/image')
+    if tn:
+        h = grid_hours(c, aa, FALLBACK)
+        print(f"N={FALLBACK} E={E} (fixed by the amended plan): {h:.1f} CPU hours" + (f", over the {BUDGET_H:g}-hour budget" if h > BUDGET_H else ''))
+        return
     choice = None
     for n in CANDIDATES:
         h = grid_hours(c, aa, n); print(f'N={n:>6} E={E}: {h:6.1f} CPU hours')
