@@ -10,43 +10,31 @@ Prints the per-1,000-image costs, the grid's CPU hours for each N at E = 20, and
 fits 20 CPU hours, else N = 3,000 with the overrun stated. A teacher trained on all 10,000 images (folder `..._n10000`,
 the amended plan) fixes N = 3,000: the hours are printed, nothing is chosen.
 """
-import csv, re, sys
+import re, sys
 from pathlib import Path
 
+from size_fashion import cpu_seconds, per_epoch_per_1000, grid_hours   # the same costing as Fashion-MNIST's sizing
+
 RUNS = Path(__file__).resolve().parent/'runs'/'cifar'
-CANDIDATES, E, FALLBACK, BUDGET_H, SEEDS, N_AA = (10000, 6000, 3000), 20, 3000, 20.0, 3, 1000
-
-def cpu_seconds(path:Path)->dict:
-    "name -> user + system CPU seconds (the last line of each name)."
-    return {r[0]: float(r[1]) + float(r[2]) for r in csv.reader(path.open())}
-
-def per_epoch_per_1000(t:dict)->dict:
-    "One epoch's CPU seconds per 1,000 training images of each student kind (2,000-image runs: 2 epochs minus 1)."
-    c = {k: (t[f'{k}_e2'] - t[k]) / 2 for k in ('ard', 'ard_igdm_keep', 'adaad')}
-    c['adaad_igdm'] = c['adaad'] * c['ard_igdm_keep'] / c['ard']   # as on Fashion-MNIST: IGDM's relative cost carried over
-    return c
-
-def grid_hours(c:dict, aa_per_image:float, n:int, epochs:int=E)->float:
-    "CPU hours of setting 2's grid: ARD and AdaAD x (base, update, keep) x 3 seeds, plus 18 AutoAttacks of 1,000 images."
-    per_seed = c['ard'] + 2*c['ard_igdm_keep'] + c['adaad'] + 2*c['adaad_igdm']   # `update` costed as `keep`
-    return (SEEDS * epochs * n/1000 * per_seed + 6*SEEDS * N_AA*aa_per_image) / 3600
+CANDIDATES, E, FALLBACK, BUDGET_H, N_AA = (10000, 6000, 3000), 20, 3000, 20.0, 1000
+KINDS = ('ard', 'ard_igdm_keep', 'adaad')   # the student kinds of `grid.sh cifar_time` (no teacher is trained there)
 
 def main(teacher_run:str):
     tn = re.search(r'_n(\d+)$', teacher_run)   # the amended plan's all-data teachers: their own timing folder, N fixed
-    c = per_epoch_per_1000(cpu_seconds(RUNS/f"timing{tn.group(0) if tn else ''}"/'cpu_seconds.csv'))
+    c = per_epoch_per_1000(cpu_seconds(RUNS/f"timing{tn.group(0) if tn else ''}"/'cpu_seconds.csv'), KINDS)
     aa = cpu_seconds(RUNS/'size_n3000_e20'/'cpu_seconds.csv')[f'{teacher_run}_aa'] / N_AA
     print('one epoch, CPU s per 1,000 images: ' + ', '.join(f'{k} {v:.1f}' for k, v in c.items()) + f'; AutoAttack {aa:.2f} s/image')
     if tn:
-        h = grid_hours(c, aa, FALLBACK)
+        h = grid_hours(c, aa, FALLBACK, E)
         print(f"N={FALLBACK} E={E} (fixed by the amended plan): {h:.1f} CPU hours" + (f", over the {BUDGET_H:g}-hour budget" if h > BUDGET_H else ''))
         return
     choice = None
     for n in CANDIDATES:
-        h = grid_hours(c, aa, n); print(f'N={n:>6} E={E}: {h:6.1f} CPU hours')
+        h = grid_hours(c, aa, n, E); print(f'N={n:>6} E={E}: {h:6.1f} CPU hours')
         if choice is None and h <= BUDGET_H: choice = n
     n = choice or FALLBACK
     print(f'choice: N={n}, E={E}' + ('' if choice else f' (nothing fits {BUDGET_H:g} h: N={FALLBACK}, '
-                                      f'{grid_hours(c, aa, FALLBACK):.1f} CPU hours, the overrun stated)'))
+                                      f'{grid_hours(c, aa, FALLBACK, E):.1f} CPU hours, the overrun stated)'))
 
 if __name__ == '__main__':
     if len(sys.argv) != 2: sys.exit(__doc__)

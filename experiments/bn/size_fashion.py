@@ -15,9 +15,9 @@ def cpu_seconds(path=TIMING)->dict:
     "name -> user + system CPU seconds (the last line of each name)."
     return {r[0]: float(r[1]) + float(r[2]) for r in csv.reader(path.open())}
 
-def per_epoch_per_1000(t:dict)->dict:
+def per_epoch_per_1000(t:dict, kinds=('teacher', 'ard', 'ard_igdm_keep', 'adaad'))->dict:
     "One epoch's CPU seconds per 1,000 training images of each kind (2,000-image runs: 2 epochs minus 1 epoch)."
-    c = {k: (t[f'{k}_e2'] - t[k]) / 2 for k in ('teacher', 'ard', 'ard_igdm_keep', 'adaad')}
+    c = {k: (t[f'{k}_e2'] - t[k]) / 2 for k in kinds}
     c['adaad_igdm'] = c['adaad'] * c['ard_igdm_keep'] / c['ard']   # the plan's assumption for AdaAD + IGDM
     return c
 
