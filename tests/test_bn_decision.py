@@ -31,3 +31,34 @@ def test_readme_quotes_the_pilot():
     assert m, "README.md's IGDM paragraph no longer quotes the pilot"
     assert d['choice'] == 'keep'
     assert m.group(1) == f"{d['minus_update']['keep']['mean']:.2f}" and m.group(2) == f"{d['minus_base']['keep']['mean']:.2f}"
+
+def _decide_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('bn_decide', DECISION.parent/'decide.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+def _settings(*per_setting, complete=True):
+    "Synthetic settings: each argument maps a method to (mean, low) of VARIANT − update; `high` never enters the rule."
+    return [dict(name=f's{i}', complete=complete, methods={m: dict(variant_minus_update=dict(mean=mean, low=low, high=mean + 1))
+                                                           for m, (mean, low) in d.items()}) for i, d in enumerate(per_setting)]
+
+def test_decision_rule_as_preregistered():
+    "decide() applies README.md's rule: VARIANT iff every mean (both settings, every method) is above -1 and one setting has every interval above 0."
+    decide = _decide_module().decide
+    s1_sup = {'ard': (8.8, 4.9), 'rslad': (5.7, 1.9), 'adaad': (3.4, 2.1)}   # every interval above 0
+    s2_ok, s2_sup = {'ard': (-0.2, -3.0), 'adaad': (-0.9, -2.5)}, {'ard': (2.0, 0.5), 'adaad': (1.0, 0.1)}
+    assert decide(_settings(s1_sup, s2_ok), 'keep')[0] == 'keep'               # non-inferior everywhere, superior in setting 1
+    assert decide(_settings(s1_sup, s2_sup), 'keep')[0] == 'keep'
+    assert decide(_settings({**s1_sup, 'ard': (0.5, -0.1)}, s2_sup), 'keep')[0] == 'keep'   # superior in setting 2 only
+    d, why = decide(_settings(s1_sup, {**s2_ok, 'adaad': (-1.2, -4.0)}), 'keep')
+    assert d == 'update' and 'non-inferiority fails' in why                     # one method's mean at or below -1 decides
+    assert decide(_settings(s1_sup, {**s2_ok, 'adaad': (-1.0, -4.0)}), 'keep')[0] == 'update'   # "above -1" is strict
+    assert decide(_settings(s1_sup, {**s2_ok, 'adaad': (-0.99, -4.0)}), 'keep')[0] == 'keep'
+    d, why = decide(_settings({**s1_sup, 'ard': (0.5, -0.1)}, s2_ok), 'keep')
+    assert d == 'update' and 'superiority fails' in why and 'non-inferiority holds' in why   # no setting wholly above 0
+    d, why = decide(_settings(s1_sup, s2_sup)[:1] + _settings(s2_sup, complete=False), 'keep')
+    assert d == 'update' and 'not applied yet' in why                           # applied only when every seed is in
+    assert decide(_settings(s1_sup), 'keep')[0] == 'update'                      # both settings are needed
+    assert decide(_settings(s1_sup, s2_sup), None)[0] == 'update'                # no pilot choice, no change
+    assert decide(_settings(s1_sup, s2_sup), 'keep', blocked='no teacher passed')[0] == 'update'
