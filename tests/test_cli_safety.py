@@ -301,3 +301,6 @@ def test_igdm_bn_auto_is_resolved_and_recorded(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--resume', '--out', 'a'], monkeypatch, tmp_path) == 0
     assert cfg('a')['igdm_bn'] == 'update' and 'other settings' not in capsys.readouterr().err
+    # compare records 'auto' for the comparison and what each variant ran
+    assert run_main(['compare', *F, '--teacher', str(t), '--methods', 'ard', '--n-curve', '0', '--out', 'c'], monkeypatch, tmp_path) == 0
+    assert cfg('c')['igdm_bn'] == 'auto' and cfg('c/ard_igdm')['igdm_bn'] == 'keep'
