@@ -11,7 +11,7 @@ from fastcore.basics import AttrDict
 from fastcore.meta import delegates
 from .core import seed_everything
 from .options import (CLIError, aa_note, check_model_name, check_seed, cpu_threads, is_main, n_processes, parse_device,
-                              parse_averaging, parse_keep, parse_precision, parse_seeds, parse_threat)
+                              parse_averaging, parse_keep, parse_precision, parse_seeds, parse_threat, resumed_igdm_bn)
 from .runfolder import RunFolder, run_config, write_json
 from .runs import (check_models, check_nat_teacher, check_training, load_nat_teacher_arg, distill_student, file_sha256, load_model_arg, load_teacher_arg, measured,
                            probe_model, probe_models, run_dls, run_notes, run_settings, train_teacher, variant_dir, speed_notes, recorded_speed)
@@ -55,7 +55,7 @@ def _distill_options(teacher:str='auto', # a teacher checkpoint, a RobustBench n
                      teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of <dataset>/Linf/<name>.pt ($IGDMFAST_TEACHERS, else models/)
                      nat_teacher:str|None=None, # MTARD's natural (clean-trained) teacher: a checkpoint file with its architecture (only and always with --method mtard)
                      inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone: Table 6's recipe)
-                     igdm_bn:str='update', # BatchNorm in IGDM's forwards: 'update' (official), 'keep' (better at large eps: tutorial 07), 'eval', 'recalibrate'
+                     igdm_bn:str='auto', # BatchNorm in IGDM's forward at x − δ: auto ('keep'; 'update', the official code's, with --protocol paper and saad), update, keep, eval, recalibrate
                      student:str='tiny_mobilenet_cifar', # any registered or timm model name
                      **kwargs): "The teacher and student options of `train` and `compare`."
 
@@ -140,6 +140,7 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
           **kwargs)->dict:
     "Train (or load) a robust teacher, distill a student with `method` (+IGDM), evaluate both, write a run folder."
     from igdmfast.methods import get_method
+    from igdmfast.callback.adversarial import resolve_igdm_bn
     from igdmfast.alignment import grad_alignment
     from igdmfast.report import save_report
     from igdmfast.plots import plot_grad_cosines, plot_training_curves
@@ -150,6 +151,8 @@ def train(method:str='adaad', # adversarial-distillation method (see igdmfast.me
     get_method(method)   # fail fast, before any training
     t_file, nt_file = check_models(o), check_nat_teacher(o, [method], igdm)
     threat, dev = parse_threat(o.eps, o.step, o.steps), parse_device(o.device)
+    # 'auto' resolved once and recorded; a resume keeps what the run recorded (every rank reads it before rank 0 claims)
+    o.igdm_bn = resolve_igdm_bn(resumed_igdm_bn(o.igdm_bn, run_config(Path(out)/'config.json') if o.resume else None), method, o.protocol)
     with RunFolder(out, o.resume, o.force, inputs=t_file + nt_file, active=is_main()) as rf:
         seed_everything(o.seed)
         dls, held = _holdout(run_dls(o, dev), kept, o.seed)
@@ -298,6 +301,7 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
             **kwargs)->dict:
     "Distill the same student with each method with and without IGDM; one table in the paper's layout, plots side by side."
     from igdmfast.methods import get_method
+    from igdmfast.callback.adversarial import resolve_igdm_bn
     from igdmfast.plots import plot_training_curves
     from igdmfast.stats import compare_markdown
     o = _options(compare, locals())
@@ -313,6 +317,7 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
     threat, dev, seed_list = parse_threat(o.eps, o.step, o.steps), parse_device(o.device), parse_seeds(seeds, seed)
     multi = len(seed_list) > 1
     subdirs = [f'seed{s}' for s in seed_list] if multi else [variant_dir(m, ig) for m in names for ig in (False, True)]
+    o.igdm_bn = resumed_igdm_bn(o.igdm_bn, run_config(Path(out)/'config.json') if resume else None)   # 'auto': resolved per variant
     with RunFolder(out, resume, o.force, inputs=t_file + nt_file, subdirs=subdirs) as rf:
         # one data subset, teacher and evaluation for every variant; each seed fixes a student's initial weights and data order
         seed_everything(seed)
@@ -335,7 +340,7 @@ def compare(methods:str='adaad', # comma-separated methods, each run with and wi
                 print(f"{run_dir.relative_to(out)}: finished earlier (result.json), kept.")
                 r = json.loads((run_dir/'result.json').read_text())
             else:   # the variant's config.json first, so AutoSpeed's choice is recorded in it and a resume reuses that choice
-                vcfg = dict(cfg, method=m, igdm=ig, seed=s)
+                vcfg = dict(cfg, method=m, igdm=ig, seed=s, igdm_bn=resolve_igdm_bn(o.igdm_bn, m, o.protocol))
                 vcfg.update({k: v for k, v in (run_config(run_dir/'config.json') or {}).items() if k in ('speed', 'seconds_per_epoch') and resume})
                 write_json(run_dir/'config.json', vcfg)
                 learn, _ = distill_student(t_model, o.student, run_dls(o, dev), m, ig, alpha, threat, o.epochs, o.lr, run_dir, resume, s, prec, sched, o.inner, o.igdm_bn,

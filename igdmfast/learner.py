@@ -25,7 +25,7 @@ import fastai.callback.schedule  # noqa: F401  (fit_one_cycle, fit_flat_cos, lr_
 from .core import ThreatModel, eval_mode, unwrap
 from .attacks import pgd
 from .methods import get_method, table_alpha
-from .callback.adversarial import AdvExamples, AdvDistill, DistillStat, MethodState, prepare_teacher
+from .callback.adversarial import AdvExamples, AdvDistill, DistillStat, MethodState, prepare_teacher, resolve_igdm_bn
 from .precision import as_attack_dtype
 from .callback.speed import AutoSpeed
 from .distributed import DistribTrainer   # also patches fastai's `Learner.distrib_ctx`
@@ -262,7 +262,7 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
                     threat:ThreatModel|None=None, # the training perturbation (default: Linf 8/255, step 2/255, 10 steps)
                     loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                     inner:str|None=None, # None: the method's own inner maximization; 'student_ce': PGD-CE on the student alone (`INNERS`)
-                    igdm_bn:str='update', # BatchNorm in IGDM's student forwards: 'update' (the official code), 'keep', 'eval' or 'recalibrate' (`IGDM_BN`)
+                    igdm_bn:str='auto', # BatchNorm in IGDM's student forwards: 'auto' ('keep'; 'update', the official code's, with protocol 'paper' and SAAD), or a key of `IGDM_BN`
                     protocol:str='fastai', # 'fastai' (Adam, lr 3e-3, 10 epochs) or 'paper' (SGD 0.9, lr 0.1, coupled wd 5e-4, step decay, 200 epochs)
                     epochs:int|None=None, # default epoch count of `fit`/`fit_one_cycle` (default: the protocol's)
                     metrics:Callable|Sequence=accuracy, # validation metrics (clean); the loss components are added as columns
@@ -297,7 +297,8 @@ def distill_learner(teacher:nn.Module|str, # the robust teacher: a module, a che
         print(f"IGDM alpha = {alpha:g}, from the paper's table for {'/'.join(key)}"
               + ("" if exact else f" (no row for {getattr(dls, 'name', 'this data')}/{_arch(student)}: the default row)") + ".")
     if check_teacher: _warn_if_not_robust(teacher, dls, threat)
-    dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=igdm_bn, nat_teacher=nat)
+    dist = AdvDistill(m, teacher, igdm=igdm, alpha=alpha or 0., loss_kwargs=loss_kwargs, fold_bn=fold_bn, igdm_bn=resolve_igdm_bn(igdm_bn, m, protocol),
+                      nat_teacher=nat)
     attack_dtype = as_attack_dtype(attack_dtype, dls.device, bf16)   # normalised here, once ('auto' resolved)
     cbs = _speed([AdvExamples(m, teacher, threat, fold_bn=fold_bn, compile=compile, attack_dtype=attack_dtype), dist]
                  + ([MethodState(dist.state)] if dist.state is not None else []) + _recipe_cbs(m, learner_kwargs), student, bf16, compile) + auto

@@ -10,7 +10,8 @@ import torch
 # %% auto #0
 __all__ = ['MAX_SEED', 'KEEP_CHOICES', 'CLIError', 'n_processes', 'is_main', 'parse_device', 'check_numbers', 'parse_threat',
            'parse_schedule', 'parse_precision', 'check_seed', 'parse_seeds', 'check_model_name', 'check_inner_arg',
-           'check_igdm_bn_arg', 'run_versions', 'cpu_threads', 'aa_note', 'parse_keep', 'parse_averaging']
+           'check_igdm_bn_arg', 'resumed_igdm_bn', 'run_versions', 'cpu_threads', 'aa_note', 'parse_keep',
+           'parse_averaging']
 
 # %% ../nbs/14a_options.ipynb #fc429356
 class CLIError(Exception):
@@ -148,13 +149,20 @@ def check_inner_arg(inner:str|None # `--inner`: None (the method's own) or a key
     if inner is not None and inner not in INNERS:
         raise CLIError(f"--inner must be one of {', '.join(INNERS)} (or left out for the method's own), got {inner!r}.")
 
-def check_igdm_bn_arg(igdm_bn:str # `--igdm-bn`: a key of `callback.adversarial.IGDM_BN`
+def check_igdm_bn_arg(igdm_bn:str # `--igdm-bn`: 'auto' or a key of `callback.adversarial.IGDM_BN`
                      ):
     "Refuse an unknown `--igdm-bn` before anything is loaded."
     from igdmfast.callback.adversarial import IGDM_BN
-    if igdm_bn not in IGDM_BN:
-        raise CLIError(f"--igdm-bn must be one of {', '.join(IGDM_BN)}, got {igdm_bn!r}: "
-                       + '; '.join(f"{k!r}: {v}" for k, v in IGDM_BN.items()) + '.')
+    if igdm_bn != 'auto' and igdm_bn not in IGDM_BN:
+        raise CLIError(f"--igdm-bn must be one of {', '.join(IGDM_BN)}, got {igdm_bn!r} (or auto, the default: 'keep', and 'update' with "
+                       "--protocol paper or --method saad): " + '; '.join(f"{k!r}: {v}" for k, v in IGDM_BN.items()) + '.')
+
+def resumed_igdm_bn(igdm_bn:str, # `--igdm-bn`: 'auto' or a key of `callback.adversarial.IGDM_BN`
+                    previous:dict|None, # with `--resume`: the config.json of the run it continues (None: a new run)
+                   )->str:
+    "`--igdm-bn` for a run: 'auto' on a resume is what the run recorded ('update' if it recorded none, as before 'auto' existed)."
+    if igdm_bn != 'auto' or previous is None: return igdm_bn
+    return previous.get('igdm_bn', 'update')
 
 def run_versions()->dict:
     "The versions and the CPU thread count of this run (a seeded CPU run repeats bit for bit at the same thread count)."

@@ -285,7 +285,7 @@ def distill_student(t_model, # the teacher
                     out, # the run folder: checkpoint.pt, history.csv, student.pt
                     resume:bool, seed:int, # continue a killed run; the seed of the student and the data order
                     prec=None, sched=None, inner=None, # `parse_precision`'s and `parse_schedule`'s results, `--inner`
-                    igdm_bn:str='update', # `--igdm-bn`: whether IGDM's forward at x − δ updates BatchNorm's running statistics
+                    igdm_bn:str='auto', # `--igdm-bn`: BatchNorm in IGDM's forward at x − δ (`resolve_igdm_bn`: 'auto' is 'keep', 'update' for protocol 'paper' and SAAD)
                     keep:dict|None=None, # `options.parse_keep`'s result: the weights student.pt holds (None: the last epoch's)
                     holdout=None, # the held-out loader of `holdout_split` (`--keep best`, and the robust-validation column of 'swa')
                     nat_teacher=None, # `--nat-teacher` loaded (`load_nat_teacher_arg`): the second teacher of MTARD, else None
@@ -437,7 +437,7 @@ def check_nat_teacher(o:dict, # the options of `train` or `compare`: 'nat_teache
         raise CLIError(f"--nat-teacher is the second teacher of mtard; --method {','.join(methods)} has one teacher: leave --nat-teacher out.")
     if nt is not None and not Path(nt).is_file(): raise CLIError(f"--nat-teacher {nt}: no such file (give the checkpoint of a natural teacher).")
     for m in methods:
-        if get_method(m).igdm_builtin and o.get('igdm_bn', 'update') != 'update':
+        if get_method(m).igdm_builtin and o.get('igdm_bn', 'auto') not in ('auto', 'update'):
             raise CLIError(f"--method {m} runs its own forward at x − δ as its code does: leave out --igdm-bn (it must be 'update').")
     if igdm and o.get('alpha') is None:
         for m in methods:

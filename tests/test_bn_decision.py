@@ -1,19 +1,26 @@
 "Issue #26: the library's default `igdm_bn` is the one `experiments/bn/decide.py` derived from the run folders by the pre-registered rule."
 import inspect, json
+import torch
 from pathlib import Path
-from igdmfast.callback.adversarial import AdvDistill, IGDM_BN
+from igdmfast.callback.adversarial import AdvDistill, IGDM_BN, resolve_igdm_bn
 from igdmfast.learner import distill_learner
 
 DECISION = Path(__file__).resolve().parents[1]/'experiments'/'bn'/'decision.json'
 
 def test_default_igdm_bn_is_the_decision():
+    "What the default `igdm_bn` runs is decision.json's default; the paper's protocol and SAAD keep the official 'update'."
+    from igdmfast.cli import train
+    from igdmfast.runs import distill_student
+    from igdmfast.methods import METHODS
     d = json.loads(DECISION.read_text())
     assert d['default'] in IGDM_BN and d['commit'] and d['rule']
     assert d['variant'] is None or d['variant'] in IGDM_BN
-    for f in (AdvDistill.__init__, distill_learner):
-        assert inspect.signature(f).parameters['igdm_bn'].default == d['default'], f.__qualname__
-    from igdmfast.cli import train
-    assert inspect.signature(train).parameters['igdm_bn'].default == d['default']
+    for f in (AdvDistill.__init__, distill_learner, distill_student, train):
+        default = inspect.signature(f).parameters['igdm_bn'].default
+        for name, m in METHODS.items():
+            assert resolve_igdm_bn(default, name, 'paper') == 'update', (f.__qualname__, name)   # the official code's, always
+            assert resolve_igdm_bn(default, name, 'fastai') == ('update' if m.igdm_builtin else d['default']), (f.__qualname__, name)
+    assert AdvDistill("ard", torch.nn.Linear(2, 2), igdm=True).igdm_bn == d["default"]
 
 def test_decision_is_the_scripts_output():
     "decision.json is what decide.py writes from the run folders now (never edited by hand)."

@@ -284,5 +284,23 @@ def test_igdm_bn_option(tmp_path, monkeypatch, capsys):
     assert "--igdm-bn must be one of update, keep, eval, recalibrate, got 'frozen'" in capsys.readouterr().err and not out.exists()
     assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--igdm-bn', 'keep', '--out', str(out)], monkeypatch, tmp_path) == 0
     assert json.loads((out/'config.json').read_text())['igdm_bn'] == 'keep'
-    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--resume', '--out', str(out)], monkeypatch, tmp_path) == 2
+    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--igdm-bn', 'update', '--resume', '--out', str(out)], monkeypatch, tmp_path) == 2
     assert "igdm_bn: 'keep' there, 'update' now" in capsys.readouterr().err   # a resume with the other choice is refused
+
+
+def test_igdm_bn_auto_is_resolved_and_recorded(tmp_path, monkeypatch, capsys):
+    "The default `--igdm-bn auto` runs and records 'keep', or 'update' with --protocol paper; a resume keeps what the run recorded."
+    t = teacher(tmp_path/'t.pt')
+    def cfg(out): return json.loads((tmp_path/out/'config.json').read_text())
+    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--out', 'a'], monkeypatch, tmp_path) == 0
+    assert cfg('a')['igdm_bn'] == 'keep'
+    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--protocol', 'paper', '--out', 'p'], monkeypatch, tmp_path) == 0
+    assert cfg('p')['igdm_bn'] == 'update'
+    # a run recorded before 'auto' existed ('update', the old default): a resume without --igdm-bn continues it as it was
+    old = dict(cfg('a'), igdm_bn='update'); (tmp_path/'a'/'config.json').write_text(json.dumps(old))
+    capsys.readouterr()
+    assert run_main(['train', *F, '--teacher', str(t), '--method', 'ard', '--resume', '--out', 'a'], monkeypatch, tmp_path) == 0
+    assert cfg('a')['igdm_bn'] == 'update' and 'other settings' not in capsys.readouterr().err
+    # compare records 'auto' for the comparison and what each variant ran
+    assert run_main(['compare', *F, '--teacher', str(t), '--methods', 'ard', '--n-curve', '0', '--out', 'c'], monkeypatch, tmp_path) == 0
+    assert cfg('c')['igdm_bn'] == 'auto' and cfg('c/ard_igdm')['igdm_bn'] == 'keep'

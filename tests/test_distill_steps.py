@@ -242,7 +242,8 @@ def run(i, fold_bn=True, igdm_bn='update'):
     name, igdm, kw, inner = CONFIGS[i]
     student, teacher = make_student(), make_teacher()
     teacher_before, teacher_params = state_of(teacher), list(teacher.parameters())
-    opts = dict(fold_bn=fold_bn, **({} if igdm_bn == 'update' else dict(igdm_bn=igdm_bn)))   # adv_learner has no igdm_bn
+    # explicit: the default ('auto') is 'keep' since issue #26's decision, and adv_learner (build's teacher-free base runs) has no igdm_bn
+    opts = dict(fold_bn=fold_bn, **(dict(igdm_bn=igdm_bn) if igdm or name not in ('pgd_at', 'trades') else {}))
     learn = build(name, igdm, kw, make_dls(), student, teacher, inner=inner, **opts)
     counters = dict(student=Counter(student), teacher=Counter(teacher))
     probe = Probe(counters)
@@ -585,7 +586,7 @@ def test_igdm_bn_refused_when_unknown():
         AdvDistill('ard', make_teacher(), igdm=True, alpha=1., igdm_bn='frozen')
     learn = build('ard', True, {}, make_dls(), make_student(), make_teacher(), igdm_bn='keep')
     assert learn.igdm_bn == 'keep' and learn.adv_distill.igdm_bn == 'keep'
-    assert build('ard', True, {}, make_dls(), make_student(), make_teacher()).igdm_bn == 'update'
+    assert build('ard', True, {}, make_dls(), make_student(), make_teacher()).igdm_bn == 'keep'   # the default since issue #26's decision
 
 
 @pytest.mark.parametrize('cid', BN_IDS)

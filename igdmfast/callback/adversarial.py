@@ -19,8 +19,8 @@ from ..precision import as_attack_dtype, attack_models, check_method_precision
 from torch.optim.swa_utils import update_bn
 
 # %% auto #0
-__all__ = ['IGDM_BN', 'RECALIBRATE_ON', 'prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat', 'bn_eval',
-           'keep_bn_stats', 'AdvDistill', 'recalibrate_bn', 'MethodState']
+__all__ = ['IGDM_BN', 'RECALIBRATE_ON', 'prepare_teacher', 'ConvBN', 'bn_folded', 'Step', 'AdvExamples', 'DistillStat',
+           'resolve_igdm_bn', 'bn_eval', 'keep_bn_stats', 'AdvDistill', 'recalibrate_bn', 'MethodState']
 
 # %% ../../nbs/06_callback.adversarial.ipynb #dee4900b
 def prepare_teacher(teacher:nn.Module, # the teacher network
@@ -213,6 +213,14 @@ IGDM_BN = {
     'recalibrate': "as 'update' during training, then the running statistics recomputed on the method's x′ after the fit (SWA's update_bn)",
 }
 
+def resolve_igdm_bn(igdm_bn:str='auto', # a key of `IGDM_BN`, or 'auto'
+                    method:str|Method='adaad', # the distillation method: a key of `METHODS` (or a `Method`)
+                    protocol:str='fastai', # the learner's protocol: 'paper' reproduces the official code
+                   )->str:
+    "The `IGDM_BN` key `igdm_bn` stands for: 'auto' is 'keep' (issue #26's grid), 'update' under the paper's protocol and for SAAD."
+    if igdm_bn != 'auto': return igdm_bn
+    return 'update' if protocol == 'paper' or get_method(method).igdm_builtin else 'keep'
+
 def _bn_layers(model:nn.Module)->list: return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 @contextmanager
@@ -251,14 +259,15 @@ class AdvDistill(Callback):
                  alpha:float=0., # IGDM's α: the term's weight in the last epoch
                  loss_kwargs:dict|None=None, # overrides of the method's outer-loss defaults
                  fold_bn:bool=True, # run the teacher's conv→BatchNorm pairs as one convolution (`bn_folded`)
-                 igdm_bn:str='update', # BatchNorm in IGDM's student forwards: a key of `IGDM_BN` ('update': the official code)
+                 igdm_bn:str='auto', # BatchNorm in IGDM's student forwards: a key of `IGDM_BN`, or 'auto' (`resolve_igdm_bn`: 'keep', 'update' for SAAD)
                  nat_teacher:nn.Module|None=None, # the second, naturally trained teacher of a method that has one (MTARD): its logits on x
                 ):
         self.method, self.teacher, self.igdm, self.fold_bn = get_method(method), teacher, igdm, fold_bn
-        if igdm_bn not in IGDM_BN:
+        if igdm_bn != 'auto' and igdm_bn not in IGDM_BN:
             raise ValueError(f"igdm_bn must be one of {', '.join(map(repr, IGDM_BN))}, got {igdm_bn!r}: "
-                             + '; '.join(f"{k!r}: {v}" for k, v in IGDM_BN.items()) + '.')
-        self.igdm_bn = igdm_bn
+                             + '; '.join(f"{k!r}: {v}" for k, v in IGDM_BN.items())
+                             + "; or 'auto', the default ('keep'; 'update' for SAAD and with the paper's protocol: `resolve_igdm_bn`).")
+        self.igdm_bn = igdm_bn = resolve_igdm_bn(igdm_bn, self.method)
         self.kw = self.method.loss_kwargs(**(loss_kwargs or {}))
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0 or alpha != alpha:
             raise ValueError(f"IGDM's alpha must be a non-negative number, got {alpha!r}.")
