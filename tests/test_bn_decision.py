@@ -69,3 +69,19 @@ def test_decision_rule_as_preregistered():
     assert decide(_settings(s1_sup), 'keep')[0] == 'update'                      # both settings are needed
     assert decide(_settings(s1_sup, s2_sup), None)[0] == 'update'                # no pilot choice, no change
     assert decide(_settings(s1_sup, s2_sup), 'keep', blocked='no teacher passed')[0] == 'update'
+
+def test_readme_quotes_the_grid():
+    "The README's IGDM paragraph quotes the grid's `keep` − `update` means and AdaAD's `keep` − base at 64/255 as decision.json has them."
+    d = json.loads(DECISION.read_text())
+    S = {s['name']: s for s in d['settings']}
+    assert all(s['complete'] for s in S.values()) and d['variant'] == 'keep'
+    text = ' '.join((DECISION.parents[2]/'README.md').read_text().split())   # the paragraph's line breaks do not matter
+    num = lambda x: f"{x:+.2f}".replace('-', '−')
+    mean = lambda s, m, k='variant_minus_update': num(S[s]['methods'][m][k]['mean'])
+    assert (f"over {len(S['digits']['seeds'])} seeds, `'keep'` − `'update'` was {mean('digits', 'ard')}, {mean('digits', 'rslad')} "
+            f"and {mean('digits', 'adaad')} points for ARD, RSLAD and AdaAD") in text
+    assert f"over {len(S['cifar']['seeds'])} seeds, it was {mean('cifar', 'ard')} and {mean('cifar', 'adaad')} for ARD and AdaAD" in text
+    assert f"AdaAD's student was {mean('digits', 'adaad', 'variant_minus_base')} points against the student without IGDM" in text
+    iv = lambda m: (lambda x: f"{num(x['mean'])} [{num(x['low'])}, {num(x['high'])}]")(S['cifar']['methods'][m]['variant_minus_base'])
+    assert f"IGDM added {iv('ard')} (ARD) and {iv('adaad')} (AdaAD) points over the student without it" in text
+    assert (f"`'{d['default']}'` (the default" in text) or (d['default'] == 'keep' and "The default, `'auto'`, is `'keep'`" in text)
