@@ -85,3 +85,14 @@ def test_readme_quotes_the_grid():
     iv = lambda m: (lambda x: f"{num(x['mean'])} [{num(x['low'])}, {num(x['high'])}]")(S['cifar']['methods'][m]['variant_minus_base'])
     assert f"IGDM added {iv('ard')} (ARD) and {iv('adaad')} (AdaAD) points over the student without it" in text
     assert (f"`'{d['default']}'` (the default" in text) or (d['default'] == 'keep' and "The default, `'auto'`, is `'keep'`" in text)
+
+def test_cli_help_quotes_the_grid():
+    "`--igdm-bn`'s help gives the default's reason with the grid's range of `keep` − `update` means per setting, as decision.json has them."
+    from fastcore.docments import docments
+    from igdmfast.cli import _distill_options
+    d = json.loads(DECISION.read_text())
+    help_ = docments(_distill_options)['igdm_bn']
+    assert f"auto is '{d['default']}'" in help_
+    S = {s['name']: sorted(x['variant_minus_update']['mean'] for x in s['methods'].values()) for s in d['settings']}
+    assert f"{S['digits'][0]:+.2f} to {S['digits'][-1]:+.2f} AutoAttack points over 'update' at 64/255" in help_
+    assert f"{S['cifar'][0]:+.2f} to {S['cifar'][-1]:+.2f} at 8/255" in help_
