@@ -71,7 +71,8 @@ def run_row(name:str, # a run folder under runs/, e.g. 'pilot/ard_igdm_keep_s100
                          f"{nums['clean']}: it evaluated another checkpoint.")
     return dict(name=name, method=cfg['method'], igdm=bool(cfg['igdm']), igdm_bn=cfg.get('igdm_bn'), seed=cfg['seed'],
                 clean=nums['clean'], fgsm=nums['fgsm'], pgd20=nums['pgd20'], cw=nums['cw'], aa=aa_nums['aa'],
-                gd=nums.get('gd'), gc=nums.get('gc'), seconds=m['extra']['seconds']['student'])
+                gd=nums.get('gd'), gc=nums.get('gc'), seconds=m['extra']['seconds']['student'],
+                aa_seconds=next(iter(aa['models'].values()))['seconds']['total'])
 
 def _diff(a:list, b:list)->dict|None:
     "AA of `a` − AA of `b`, paired by seed over the seeds both have finished (None if none)."
@@ -95,7 +96,7 @@ def pilot()->dict:
     return dict(rows=rows, minus_update=d, minus_base={v: _diff(rows[v], rows['base']) for v in ('update', *CANDIDATES)},
                 done=done, choice=choice)
 
-MEANS = ('clean', 'pgd20', 'aa', 'gd', 'gc')   # the per-arm means reported beside the differences (GD and GC as they come out)
+MEANS = ('clean', 'pgd20', 'aa', 'gd', 'gc', 'seconds', 'aa_seconds')   # per-arm means beside the differences (GD, GC and compute as they come out)
 
 def _means(rows:list)->dict:
     "The mean of each of MEANS over the finished seeds of one arm, and their count."
@@ -145,14 +146,15 @@ def _fmt(d:dict|None)->str:
 
 def markdown(p:dict, settings:list, default:str, why:str)->str:
     md = "# Issue #26: results (written by decide.py from the run folders)\n\n## Pilot (ARD, α = 5, seeds 100 and 101)\n\n"
-    md += "| run | clean | PGD-20 | AA | GD | GC | AA − update | AA − base |\n|---|---|---|---|---|---|---|---|\n"
+    md += "| run | clean | PGD-20 | AA | GD | GC | train s | AA s | AA − update | AA − base |\n|---|---|---|---|---|---|---|---|---|---|\n"
     for v in ('base', 'update', *CANDIDATES):
         for r in p['rows'][v]:
             if r is None: continue
             md += (f"| {r['name']} | {r['clean']:.2f} | {r['pgd20']:.2f} | {r['aa']:.2f} | "
-                   f"{'–' if r['gd'] is None else format(r['gd'], '.4f')} | {'–' if r['gc'] is None else format(r['gc'], '.4f')} | | |\n")
+                   f"{'–' if r['gd'] is None else format(r['gd'], '.4f')} | {'–' if r['gc'] is None else format(r['gc'], '.4f')} | "
+                   f"{r['seconds']:.0f} | {r['aa_seconds']:.0f} | | |\n")
         if v in CANDIDATES or v == 'update':
-            md += f"| **{v}, paired** | | | | | | {_fmt(p['minus_update'].get(v))} | {_fmt(p['minus_base'].get(v))} |\n"
+            md += f"| **{v}, paired** | | | | | | | | {_fmt(p['minus_update'].get(v))} | {_fmt(p['minus_base'].get(v))} |\n"
     md += f"\nPilot rule (README.md): {'chosen: **' + p['choice'] + '**' if p['done'] else 'not every pilot run has finished'}.\n"
     for s in settings:
         md += f"\n## Setting {s['name']} ({s['data']}, {s['eps']}; seeds {s['seeds']}; {'complete' if s['complete'] else 'incomplete'})\n\n"
@@ -162,13 +164,15 @@ def markdown(p:dict, settings:list, default:str, why:str)->str:
         for m, x in s.get('extra', {}).items():   # reported, not part of the rule
             md += f"| {m} (reported only) | {_fmt(x['variant_minus_update'])} | {_fmt(x['variant_minus_base'])} | {_fmt(x['update_minus_base'])} |\n"
         if s.get('extra'): md += "\nThe α rows pair ARD + IGDM VARIANT at that α with ARD + IGDM `update` at α = 5 and with the ARD base.\n"
-        md += "\nMeans over the finished seeds (GD: gradient distance, GC: gradient cosine with the teacher, as `train` measures them):\n\n"
-        md += "| runs | arm | n | clean | PGD-20 | AA | GD | GC |\n|---|---|---|---|---|---|---|---|\n"
+        md += ("\nMeans over the finished seeds (GD: gradient distance, GC: gradient cosine with the teacher, as `train` measures them; "
+               "compute per run: the wall seconds of training and of its AutoAttack, each one process with one torch thread, on a machine "
+               "shared with a second lane; a run resumed from a checkpoint counts its last invocation only):\n\n")
+        md += "| runs | arm | n | clean | PGD-20 | AA | GD | GC | train s | AA s |\n|---|---|---|---|---|---|---|---|---|---|\n"
         f = lambda v, p: '–' if v is None else format(v, p)
         for m, arms in s.get('arms', {}).items():
             for k, a in arms.items():
                 if a['n']: md += (f"| {m} | {k} | {a['n']} | {f(a['clean'], '.2f')} | {f(a['pgd20'], '.2f')} | {f(a['aa'], '.2f')} | "
-                                  f"{f(a['gd'], '.4f')} | {f(a['gc'], '.4f')} |\n")
+                                  f"{f(a['gd'], '.4f')} | {f(a['gc'], '.4f')} | {f(a['seconds'], '.0f')} | {f(a['aa_seconds'], '.0f')} |\n")
     md += f"\n## Decision\n\n{RULE}\n\nDefault: **{default}** ({why}).\n"
     return md
 
