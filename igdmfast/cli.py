@@ -55,7 +55,7 @@ def _distill_options(teacher:str='auto', # a teacher checkpoint, a RobustBench n
                      teacher_dir:str|None=None, # with a RobustBench name as --teacher: the folder of <dataset>/Linf/<name>.pt ($IGDMFAST_TEACHERS, else models/)
                      nat_teacher:str|None=None, # MTARD's natural (clean-trained) teacher: a checkpoint file with its architecture (only and always with --method mtard)
                      inner:str|None=None, # the inner maximization: the method's own (default), or 'student_ce' (PGD-CE on the student alone: Table 6's recipe)
-                     igdm_bn:str='auto', # BatchNorm in IGDM's forward at x − δ: auto is 'keep' (+3.44 to +8.83 AutoAttack points over 'update' at 64/255, -0.63 to +0.03 at 8/255: tutorial 07), and 'update' (the official code) with --protocol paper and saad; or update, keep, eval, recalibrate
+                     igdm_bn:str='auto', # BatchNorm in IGDM's forward at x − δ: auto is 'keep' (+3.44 to +8.83 AutoAttack points over 'update' at 64/255 over 5 seeds, -0.63 to +0.03 at 8/255 over 3: tutorial 07), and 'update' (the official code) with --protocol paper and saad; or update, keep, eval, recalibrate
                      student:str='tiny_mobilenet_cifar', # any registered or timm model name
                      **kwargs): "The teacher and student options of `train` and `compare`."
 

@@ -80,10 +80,13 @@ def test_readme_quotes_the_grid():
     mean = lambda s, m, k='variant_minus_update': num(S[s]['methods'][m][k]['mean'])
     assert (f"over {len(S['digits']['seeds'])} seeds, `'keep'` − `'update'` was {mean('digits', 'ard')}, {mean('digits', 'rslad')} "
             f"and {mean('digits', 'adaad')} points for ARD, RSLAD and AdaAD") in text
-    assert f"over {len(S['cifar']['seeds'])} seeds, it was {mean('cifar', 'ard')} and {mean('cifar', 'adaad')} for ARD and AdaAD" in text
-    assert f"AdaAD's student was {mean('digits', 'adaad', 'variant_minus_base')} points against the student without IGDM" in text
-    iv = lambda m: (lambda x: f"{num(x['mean'])} [{num(x['low'])}, {num(x['high'])}]")(S['cifar']['methods'][m]['variant_minus_base'])
-    assert f"IGDM added {iv('ard')} (ARD) and {iv('adaad')} (AdaAD) points over the student without it" in text
+    iv = lambda s, m, k: (lambda x: f"{num(x['mean'])} [{num(x['low'])}, {num(x['high'])}]")(S[s]['methods'][m][k])
+    assert (f"over {len(S['cifar']['seeds'])} seeds, it was {iv('cifar', 'ard', 'variant_minus_update')} and "
+            f"{iv('cifar', 'adaad', 'variant_minus_update')} for ARD and AdaAD") in text
+    assert f"AdaAD's student was {iv('digits', 'adaad', 'variant_minus_base')} points against the student without IGDM" in text
+    assert (f"IGDM added {iv('cifar', 'ard', 'variant_minus_base')} (ARD) and {iv('cifar', 'adaad', 'variant_minus_base')} (AdaAD) "
+            "points over the student without it") in text
+    assert ("AdaAD's interval reaches below it" in text) == (S['cifar']['methods']['adaad']['variant_minus_update']['low'] <= -1)
     assert (f"`'{d['default']}'` (the default" in text) or (d['default'] == 'keep' and "The default, `'auto'`, is `'keep'`" in text)
 
 def test_cli_help_quotes_the_grid():
@@ -94,5 +97,6 @@ def test_cli_help_quotes_the_grid():
     help_ = docments(_distill_options)['igdm_bn']
     assert f"auto is '{d['default']}'" in help_
     S = {s['name']: sorted(x['variant_minus_update']['mean'] for x in s['methods'].values()) for s in d['settings']}
-    assert f"{S['digits'][0]:+.2f} to {S['digits'][-1]:+.2f} AutoAttack points over 'update' at 64/255" in help_
-    assert f"{S['cifar'][0]:+.2f} to {S['cifar'][-1]:+.2f} at 8/255" in help_
+    n = {s['name']: len(s['seeds']) for s in d['settings']}
+    assert f"{S['digits'][0]:+.2f} to {S['digits'][-1]:+.2f} AutoAttack points over 'update' at 64/255 over {n['digits']} seeds" in help_
+    assert f"{S['cifar'][0]:+.2f} to {S['cifar'][-1]:+.2f} at 8/255 over {n['cifar']}:" in help_

@@ -208,11 +208,11 @@ class F32Loss(Callback):
     def after_batch(self):
         if self.training and isinstance(self.learn.loss, torch.Tensor): self.learn.loss = self.learn.loss.float()
 
-def build(name, igdm, kw, dls, student, teacher, inner=None, **opts):
+def build(name, igdm, kw, dls, student, teacher, inner=None, igdm_bn='auto', **opts):
     if igdm or name not in ('pgd_at', 'trades'):
         return distill_learner(teacher, student, dls, method=name, igdm=igdm, alpha=ALPHA if igdm else None,
-                               threat=THREAT, loss_kwargs=kw or None, inner=inner, check_teacher=False, **opts)
-    return adv_learner(student, dls, method=name, threat=THREAT, loss_kwargs=kw or None, **opts)
+                               threat=THREAT, loss_kwargs=kw or None, inner=inner, check_teacher=False, igdm_bn=igdm_bn, **opts)
+    return adv_learner(student, dls, method=name, threat=THREAT, loss_kwargs=kw or None, **opts)   # no IGDM: igdm_bn has no use
 
 CONFIGS = [(m, g, {}, None) for m in METHOD_NAMES for g in (False, True)] + [
     ('iad', False, dict(begin=0), None), ('iad', True, dict(begin=0), None),   # the late (self-introspection) branch in both epochs
@@ -242,8 +242,7 @@ def run(i, fold_bn=True, igdm_bn='update'):
     name, igdm, kw, inner = CONFIGS[i]
     student, teacher = make_student(), make_teacher()
     teacher_before, teacher_params = state_of(teacher), list(teacher.parameters())
-    # explicit: the default ('auto') is 'keep' since issue #26's decision, and adv_learner (build's teacher-free base runs) has no igdm_bn
-    opts = dict(fold_bn=fold_bn, **(dict(igdm_bn=igdm_bn) if igdm or name not in ('pgd_at', 'trades') else {}))
+    opts = dict(fold_bn=fold_bn, igdm_bn=igdm_bn)   # explicit: the default ('auto') is 'keep' since issue #26's decision
     learn = build(name, igdm, kw, make_dls(), student, teacher, inner=inner, **opts)
     counters = dict(student=Counter(student), teacher=Counter(teacher))
     probe = Probe(counters)
